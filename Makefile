@@ -1,0 +1,27 @@
+# Set up the environment once (.venv, pinned by requirements.lock), then run the demo or the tests.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: demo test lock clean
+
+$(BIN)/viclip: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -r requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps -e .
+	touch $@
+
+demo: $(BIN)/viclip
+	$(BIN)/viclip demo --workdir demo-run
+
+test: $(BIN)/viclip
+	$(BIN)/python -m pytest
+
+# Re-pin every dependency after changing pyproject.toml.
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra test --quiet -o requirements.lock
+
+clean:
+	rm -rf $(VENV) demo-run

@@ -1,0 +1,134 @@
+"""The `viclip` command. Each command declares its options and hands off to a plain function.
+
+Domain errors (ViclipError) become one line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.config import Config, load_config
+from pipeline.data import SPLITS
+from pipeline.errors import ViclipError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Vietnamese image captioning: frozen CLIP + trained mapping network + frozen GPT-2.",
+)
+
+Params = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    try:
+        yield
+    except ViclipError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing half-written was kept", err=True)
+        raise typer.Exit(130) from None
+
+
+def _run(params: Path, stage: Callable[[Config], str]) -> None:
+    with _clear_errors():
+        typer.echo(stage(load_config(params)))
+
+
+@app.command()
+def extract(
+    split: Annotated[Optional[str], typer.Option(help=f"Only this split ({', '.join(SPLITS)}).")] = None,
+    skip_bad_images: Annotated[bool, typer.Option(
+        "--skip-bad-images", help="Skip unreadable images (recorded in the store) instead of stopping.")] = False,
+    params: Params = Path("params.yaml"),
+) -> None:
+    """Stage 1: run the frozen CLIP encoder once over every image; write the HDF5 feature store."""
+    from stages import extract as stage
+
+    if split is not None and split not in SPLITS:
+        typer.echo(f"error: --split must be one of {', '.join(SPLITS)}, not {split!r}", err=True)
+        raise typer.Exit(2)
+    _run(params, lambda config: stage.run(config, (split,) if split else SPLITS, skip_bad_images))
+
+
+@app.command()
+def train(params: Params = Path("params.yaml")) -> None:
+    """Stage 2: train the mapping network on the stored embeddings, the language model frozen."""
+    from stages import train as stage
+
+    _run(params, stage.run)
+
+
+@app.command()
+def score(
+    captions: Annotated[Optional[Path], typer.Option(
+        help="Score this COCO results file (JSON list of {image_id, caption}) instead of decoding.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: from params).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="With --captions: also write the metrics JSON here.")] = None,
+    params: Params = Path("params.yaml"),
+) -> None:
+    """Stage 3: decode the test split with the trained model and score it (or score --captions FILE)."""
+    from pipeline.io import write_json
+    from pipeline.metrics import format_table
+    from stages import score as stage
+
+    with _clear_errors():
+        config = load_config(params)
+        if captions is None:
+            metrics, summary = stage.run(config, model)
+        else:
+            metrics = stage.score_file(config, captions)
+            summary = f"score: {metrics['images']} test images from {captions}"
+            if out is not None:
+                write_json(out, metrics)
+                summary += f" -> {out}"
+        typer.echo(format_table({metrics["model"]: metrics}))
+        for metric, reason in metrics["notes"].items():
+            typer.echo(f"{metric}: n/a, {reason}")
+        typer.echo(summary)
+
+
+@app.command()
+def caption(
+    images: Annotated[list[Path], typer.Argument(help="Image files to caption.")],
+    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: from params).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {image, caption}.")] = False,
+    params: Params = Path("params.yaml"),
+) -> None:
+    """Caption new image files with a trained model, many at once; one line per image."""
+    from pipeline.inference import caption_files
+
+    with _clear_errors():
+        results = caption_files(load_config(params), images, model)
+    if as_json:
+        typer.echo(json.dumps([{"image": str(p), "caption": c} for p, c in results], ensure_ascii=False, indent=1))
+    else:
+        for path, text in results:
+            typer.echo(f"{path}\t{text}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo builds its data, models and DVC project.")] = Path("demo-run"),
+) -> None:
+    """The whole pipeline offline: synthetic KTVIC-layout data, tiny local models, `dvc repro`, metrics."""
+    from pipeline.demo import run_demo
+
+    with _clear_errors():
+        run_demo(workdir)
+
+
+def main() -> None:
+    app(prog_name="viclip")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Typed, strict configuration read from params.yaml.
+
+params.yaml is the single source of every setting: the models below have no
+defaults, so a missing key fails as loudly as an unknown or mistyped one.
+Sections share their names with the DVC stages and CLI commands that read them.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML, YAMLError
+
+from pipeline.errors import ViclipError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(_Section):
+    root: str  # a KTVIC folder, original or re-packaged layout
+    val_fraction: float = Field(gt=0, lt=1)  # of train images carved out for validation
+    seed: int  # fixes which train images go to validation
+
+
+class ClipConfig(_Section):
+    model: str  # an open_clip architecture name
+    pretrained: str  # an open_clip tag (e.g. "openai") or a local checkpoint file
+    config: str | None  # a JSON architecture to register, for models open_clip does not ship
+    normalize: bool  # L2-normalise the image embeddings
+
+
+class LmConfig(_Section):
+    name: str  # a Hugging Face id or a local directory
+
+
+class MapperConfig(_Section):
+    type: Literal["transformer", "mlp"]
+    prefix_length: int = Field(gt=0)  # prefix embeddings handed to the LM
+    clip_length: int = Field(gt=0)  # tokens the CLIP embedding is projected to (transformer)
+    num_layers: int = Field(gt=0)  # transformer layers
+    num_heads: int = Field(gt=0)  # attention heads per layer
+
+
+class ExtractConfig(_Section):
+    batch_size: int = Field(gt=0)
+    num_workers: int = Field(ge=0)  # image-decoding worker processes
+    skip_bad_images: bool  # skip unreadable images (recorded in the store) instead of stopping
+    out: str  # feature stores go to OUT/<encoder>/<split>.h5
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    seed: int
+    out: str  # models go to OUT/<model>/, their per-epoch log to OUT/<model>.csv
+
+
+class ScoreConfig(_Section):
+    beam_size: int = Field(gt=0)
+    max_length: int = Field(gt=0)  # caption tokens, end-of-text included
+    length_penalty: float = Field(ge=0)  # beams ranked by log-prob / length ** length_penalty
+    batch_size: int = Field(gt=0)  # images decoded at once
+    out: str  # metrics go to OUT/<model>.json, captions to OUT/<model>.captions.json
+
+
+class Config(_Section):
+    data: DataConfig
+    clip: ClipConfig
+    lm: LmConfig
+    mapper: MapperConfig
+    extract: ExtractConfig
+    train: TrainConfig
+    score: ScoreConfig
+
+
+def _yaml() -> YAML:
+    # YAML 1.2, as DVC reads params.yaml: "2e-5" is a float here, not a string.
+    return YAML(typ="safe", pure=True)
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    path = Path(path)
+    try:
+        raw = _yaml().load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ViclipError(f"{path}: no such params file (pass --params PATH)") from None
+    except YAMLError as error:
+        raise ViclipError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: Any, source: str = "params") -> Config:
+    if not isinstance(raw, dict):
+        raise ViclipError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ViclipError(f"{source}: unknown key '{key}'") from None
+        if first["type"] == "missing":
+            raise ViclipError(f"{source}: missing key '{key}'") from None
+        got = first.get("input")
+        raise ViclipError(f"{source}: key '{key}': {first['msg']} (got {got!r})") from None
+
+
+def dump_config(config: Config | dict) -> str:
+    """The resolved config as YAML, to store beside every output it produced."""
+    data = config.model_dump() if isinstance(config, Config) else config
+    stream = io.StringIO()
+    yaml = YAML()
+    yaml.default_flow_style = False
+    yaml.dump(data, stream)
+    return stream.getvalue()

@@ -1,0 +1,119 @@
+"""`viclip demo`: the real pipeline, offline, on data and models it builds itself.
+
+Everything goes under the work directory, a self-contained DVC project:
+  data/ktvic/     synthetic KTVIC-layout images and captions
+  models/clip/    a tiny open_clip ViT (architecture JSON + checkpoint)
+  models/lm/      a tiny GPT-2 and its byte-level BPE tokenizer
+  params.yaml     the project's params with the tiny models and demo-sized training
+  dvc.yaml        the project's own pipeline; pipeline/ and stages/ link to the code
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import chdir
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.config import _yaml, dump_config, load_config, parse_config
+from pipeline.data import find_layout, load_splits, read_annotations
+from pipeline.errors import ViclipError
+from pipeline.io import write_json, write_text
+from pipeline.metrics import format_table
+from pipeline.synthetic import caption_groups, make_dataset
+from pipeline.tiny import TINY_CLIP, make_tiny_clip, make_tiny_lm
+
+PROJECT = Path(__file__).resolve().parents[1]
+CODE = ("pipeline", "stages")
+
+# What the demo changes in the project's params.yaml: tiny models, demo-sized training.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "data": {"root": "data/ktvic"},
+    "clip": {"model": TINY_CLIP, "pretrained": f"models/clip/{TINY_CLIP}.safetensors",
+             "config": f"models/clip/{TINY_CLIP}.json"},
+    "lm": {"name": "models/lm"},
+    "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 2, "num_heads": 2},
+    "train": {"epochs": 30, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
+    "score": {"beam_size": 3, "max_length": 24},
+}
+
+
+def _project_file(name: str) -> Path:
+    path = PROJECT / name
+    if not path.exists():
+        raise ViclipError(f"{path}: not found; `viclip demo` runs from a viclip source checkout")
+    return path
+
+
+def demo_params(overrides: dict[str, dict[str, Any]] = OVERRIDES) -> dict[str, Any]:
+    raw = _yaml().load(_project_file("params.yaml").read_text(encoding="utf-8"))
+    for section, values in overrides.items():
+        raw[section].update(values)
+    return parse_config(raw, source="demo params").model_dump()
+
+
+def prepare(workdir: Path, train_images: int = 400, test_images: int = 80,
+            overrides: dict[str, dict[str, Any]] = OVERRIDES) -> Path:
+    """Build the demo's data, tiny models and DVC project under `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = demo_params(overrides)
+    root = make_dataset(workdir / params["data"]["root"], train_images, test_images)
+    train = read_annotations(*find_layout(root)["train"])
+    make_tiny_clip(workdir / "models/clip", [(r.path, c) for r in train for c in r.captions])
+    make_tiny_lm(caption_groups(root), workdir / params["lm"]["name"])
+    for name in CODE:
+        link = workdir / name
+        if not link.exists():
+            link.symlink_to(_project_file(name), target_is_directory=True)
+    shutil.copyfile(_project_file("dvc.yaml"), workdir / "dvc.yaml")
+    write_text(workdir / "params.yaml", dump_config(params))
+    if not (workdir / ".dvc").is_dir():
+        dvc(workdir, "init", "--no-scm", "--quiet")
+    return workdir
+
+
+def dvc(workdir: Path, *args: str) -> str:
+    """Run a DVC command in `workdir`, with this environment's `viclip` on PATH."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise ViclipError(f"`dvc {' '.join(args)}` failed in {workdir} (its output is above)")
+    return result.stdout
+
+
+def blind_captions(workdir: Path) -> Path:
+    """A results file giving every test image the most frequent training caption."""
+    config = load_config(workdir / "params.yaml")
+    with chdir(workdir):
+        splits = load_splits(config.data)
+    top = collections.Counter(c for r in splits["train"] for c in r.captions).most_common(1)[0][0]
+    path = workdir / "blind.captions.json"
+    write_json(path, [{"image_id": r.image_id, "caption": top} for r in splits["test"]])
+    return path
+
+
+def run_demo(workdir: Path) -> None:
+    from stages.score import score_file
+
+    workdir = workdir.resolve()
+    if not (workdir / "params.yaml").is_file():
+        print(f"demo: building synthetic data and tiny models in {workdir}")
+        prepare(workdir)
+    print("demo: dvc repro (extract -> train -> score)")
+    sys.stdout.write(dvc(workdir, "repro"))
+    config = load_config(workdir / "params.yaml")
+    with chdir(workdir):
+        model = json.loads(paths.metrics_path(config).read_text(encoding="utf-8"))
+        blind = score_file(config, blind_captions(workdir).name)
+    print(f"\nKTVIC-layout synthetic test split, {model['images']} images; protocol: {model['protocol']['tokenisation']}")
+    print(format_table({"viclipcap": model, "blind": blind}))
+    print("blind = the most frequent training caption for every image")

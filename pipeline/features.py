@@ -1,0 +1,112 @@
+"""The HDF5 feature store: one file per split, one row per image.
+
+Layout of `<split>.h5`:
+  embeddings  float32 [N, D]   image embeddings from the frozen encoder
+  image_ids   int64   [N]      the dataset's image ids, row for row
+  attributes  what produced the rows (format, encoder, model, pretrained,
+              normalized, embedding_dim, dtype, split) and which images were
+              skipped as unreadable (skipped_ids, skipped_images)
+
+A store is a contract: readers name the attributes they rely on and
+`open_store` refuses a file whose attributes differ.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.errors import ViclipError
+from pipeline.io import atomic_path
+
+FORMAT = "viclip-features/1"
+JSON_ATTRS = ("skipped_ids", "skipped_images")  # lists, stored as JSON text
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    path: Path
+    embeddings: np.ndarray  # (N, D) float32
+    image_ids: np.ndarray  # (N,) int64
+    attrs: dict[str, Any]
+
+    def rows(self, image_ids: list[int]) -> np.ndarray:
+        """Embeddings of the given images, in that order."""
+        index = {int(image_id): row for row, image_id in enumerate(self.image_ids)}
+        return self.embeddings[[index[image_id] for image_id in image_ids]]
+
+
+class StoreWriter:
+    """Streams rows into a store; see `write_store`."""
+
+    def __init__(self, file: h5py.File, attrs: Mapping[str, Any]):
+        self._file = file
+        self._rows = 0
+        self.attrs = dict(attrs)  # written when the store is complete; may be added to until then
+
+    def append(self, image_ids: np.ndarray, embeddings: np.ndarray) -> None:
+        if "embeddings" not in self._file:
+            # The width is read from the encoder's output, never assumed.
+            self._file.create_dataset(
+                "embeddings", shape=(0, embeddings.shape[1]), maxshape=(None, embeddings.shape[1]),
+                dtype="float32", chunks=True,
+            )
+            self._file.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype="int64", chunks=True)
+        start, self._rows = self._rows, self._rows + len(image_ids)
+        for name, values in (("embeddings", embeddings), ("image_ids", image_ids)):
+            self._file[name].resize(self._rows, axis=0)
+            self._file[name][start:] = values
+
+
+@contextmanager
+def write_store(path: str | Path, attrs: Mapping[str, Any]) -> Iterator[StoreWriter]:
+    """Write a store atomically: it appears at `path` only if the block completes."""
+    with atomic_path(path) as partial, h5py.File(partial, "w") as file:
+        writer = StoreWriter(file, attrs)
+        yield writer
+        if "embeddings" not in file:
+            raise ViclipError(f"{path}: no image could be encoded, nothing to store")
+        file.attrs["format"] = FORMAT
+        file.attrs["embedding_dim"] = file["embeddings"].shape[1]
+        file.attrs["dtype"] = "float32"
+        for key, value in writer.attrs.items():
+            file.attrs[key] = json.dumps(value, ensure_ascii=False) if key in JSON_ATTRS else value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def open_store(path: str | Path, expected: Mapping[str, Any]) -> FeatureStore:
+    """Read a store, refusing it unless each attribute in `expected` matches."""
+    path = Path(path)
+    if not path.is_file():
+        raise ViclipError(f"{path}: feature store not found (run `viclip extract`)")
+    try:
+        with h5py.File(path, "r") as file:
+            attrs = {key: _plain(value) for key, value in file.attrs.items()}
+            attrs.update({key: json.loads(attrs[key]) for key in JSON_ATTRS if key in attrs})
+            if attrs.get("format") != FORMAT:
+                raise ViclipError(f"{path}: not a viclip feature store (format {attrs.get('format')!r})")
+            embeddings = file["embeddings"][:]
+            image_ids = file["image_ids"][:]
+    except OSError as error:
+        raise ViclipError(f"{path}: unreadable feature store ({error})") from None
+    for key, want in expected.items():
+        if attrs.get(key) != want:
+            raise ViclipError(
+                f"{path}: store has {key}={attrs.get(key)!r} but {want!r} is expected; "
+                "re-run `viclip extract` with the current params"
+            )
+    return FeatureStore(path, embeddings, image_ids, attrs)

@@ -1,0 +1,82 @@
+"""Stage 3: decode the test split with the trained model and score it under the stated protocol."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import paths
+from pipeline.captioner import load_captioner
+from pipeline.config import Config
+from pipeline.data import load_splits
+from pipeline.decoding import caption_embeddings
+from pipeline.encoders import best_device
+from pipeline.errors import ViclipError
+from pipeline.features import open_store
+from pipeline.io import write_json
+from pipeline.metrics import PROTOCOL, score_captions
+
+
+def test_references(config: Config) -> dict[int, list[str]]:
+    return {r.image_id: list(r.captions) for r in load_splits(config.data)["test"]}
+
+
+def read_results(path: str | Path) -> dict[int, str]:
+    """A COCO results file: a JSON list of {"image_id", "caption"}."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ViclipError(f"{path}: no such captions file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ViclipError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, list):
+        raise ViclipError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}}")
+    results: dict[int, str] = {}
+    for n, entry in enumerate(raw):
+        if not (isinstance(entry, dict) and isinstance(entry.get("image_id"), int)
+                and isinstance(entry.get("caption"), str)):
+            raise ViclipError(f"{path}: entry {n} needs an integer 'image_id' and a string 'caption'")
+        if entry["image_id"] in results:
+            raise ViclipError(f"{path}: entry {n}: second caption for image id {entry['image_id']}")
+        results[entry["image_id"]] = entry["caption"]
+    return results
+
+
+def report(scores: dict, notes: dict, model: str, images: int) -> dict:
+    return {**scores, "model": model, "split": "test", "images": images, "protocol": PROTOCOL, "notes": notes}
+
+
+def score_file(config: Config, captions_file: str | Path) -> dict:
+    """Score an existing results file against the test references, without decoding."""
+    references = test_references(config)
+    scores, notes = score_captions(references, read_results(captions_file), source=str(captions_file))
+    return report(scores, notes, Path(captions_file).name, len(references))
+
+
+def run(config: Config, model_dir: str | Path | None = None) -> tuple[dict, str]:
+    started = time.perf_counter()
+    model_dir = Path(model_dir or paths.model_dir(config))
+    references = test_references(config)
+    device = best_device()
+    captioner, spec = load_captioner(model_dir, device)
+    store = open_store(paths.store_path(config, "test"), spec.encoder)
+
+    embeddings = torch.from_numpy(store.embeddings).to(device)
+    captions = caption_embeddings(captioner, embeddings, config.score)
+    results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, captions)]
+    predictions = {r["image_id"]: r["caption"] for r in results}
+    skipped = set(store.attrs.get("skipped_ids", []))
+    scored = {i: refs for i, refs in references.items() if i not in skipped}
+    scores, notes = score_captions(scored, predictions, source=str(store.path))
+
+    metrics = report(scores, notes, spec.name, len(scored))
+    write_json(paths.captions_path(config, spec.name), results)
+    write_json(paths.metrics_path(config, spec.name), metrics)
+    return metrics, (
+        f"score: {len(results)} test images, CIDEr {scores['cider']:.4f}, BLEU-4 {scores['bleu_4']:.4f} "
+        f"-> {paths.metrics_path(config, spec.name)} ({time.perf_counter() - started:.1f} s)"
+    )
