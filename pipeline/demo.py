@@ -39,7 +39,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
              "config": f"models/clip/{TINY_CLIP}.json"},
     "lm": {"name": "models/lm"},
     "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 2, "num_heads": 2},
-    "train": {"epochs": 30, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
+    "train": {"epochs": 20, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
     "score": {"beam_size": 3, "max_length": 24},
 }
 
