@@ -29,7 +29,7 @@ def beam_search(
     device = embeddings.device
 
     out = lm(inputs_embeds=captioner.prefix(embeddings), use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(beams)
     logp = out.logits[:, -1].float().log_softmax(-1)  # (N, V)
     vocab = logp.shape[-1]
@@ -60,7 +60,7 @@ def beam_search(
         if finished.all():
             break
         cache.reorder_cache((source + offsets).view(-1))
-        out = lm(input_ids=token.view(-1, 1), past_key_values=cache, use_cache=True)
+        out = lm(input_ids=token.view(-1, 1), cache=cache, use_cache=True)
         logp = out.logits[:, -1].float().log_softmax(-1).view(images, beams, vocab)
 
     best = (scores / lengths.clamp(min=1) ** length_penalty).argmax(dim=1)  # (N,)

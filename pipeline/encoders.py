@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -75,6 +76,7 @@ def load_clip(config: ClipConfig, device: torch.device) -> ClipEncoder:
         open_clip.add_model_config(config.config)
     if config.model not in open_clip.list_models():
         raise ViclipError(f"clip.model: unknown open_clip architecture {config.model!r}")
+    logging.disable(logging.ERROR)  # open_clip logs the failure itself; ours is the one line shown
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             config.model, pretrained=config.pretrained, device=device
@@ -86,6 +88,8 @@ def load_clip(config: ClipConfig, device: torch.device) -> ClipEncoder:
             f"could not fetch CLIP weights {config.model}/{config.pretrained} (no network?); "
             "download them elsewhere and set clip.pretrained in params.yaml to the local checkpoint file"
         ) from None
+    finally:
+        logging.disable(logging.NOTSET)
     model.requires_grad_(False).eval()
     return ClipEncoder(model, preprocess, config.normalize)
 

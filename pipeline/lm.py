@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.errors import ViclipError
@@ -53,16 +54,19 @@ class LanguageModel:
 
 
 def _end_of_text_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int | None:
+    """The tokenizer's own eos, else a token named like one, else the model config's, and
+    only an id with an embedding row: a tokenizer loaded from tokenizer.json alone may
+    invent an eos token the model never saw."""
+    rows = model.get_input_embeddings().num_embeddings
     vocab = tokenizer.get_vocab()
-    if tokenizer.eos_token is not None and tokenizer.eos_token in vocab:
-        return vocab[tokenizer.eos_token]
-    if isinstance(model.config.eos_token_id, int):
-        return model.config.eos_token_id
-    return next((vocab[t] for t in END_OF_TEXT_CANDIDATES if t in vocab), None)
+    named = [vocab.get(name) for name in (tokenizer.eos_token, *END_OF_TEXT_CANDIDATES) if name]
+    configured = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None
+    return next((i for i in (*named, configured) if i is not None and i < rows), None)
 
 
 def load_lm(name: str, device: torch.device) -> LanguageModel:
     """Load and freeze: no gradients, eval mode (no dropout)."""
+    hf_logging.disable_progress_bar()  # one summary line per stage, not a bar per weight file
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name)

@@ -1,0 +1,209 @@
+"""Every command, and every bad input: one clear line, exit 1, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as photos
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import dump_config, load_config
+from pipeline.synthetic import make_dataset
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_clear_error(result, *fragments: str) -> str:
+    output = result.output.strip()
+    assert result.exit_code == 1, output
+    assert "Traceback" not in output and not isinstance(result.exception, (AssertionError, TypeError))
+    lines = output.splitlines()
+    assert lines[-1].startswith("error: "), output
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]
+
+
+@pytest.fixture
+def project(demo, tmp_path, monkeypatch) -> Path:
+    """A small project using the demo's tiny models, in the working directory."""
+    params = load_config(demo / "params.yaml").model_dump()
+    for section, key in (("clip", "pretrained"), ("clip", "config"), ("lm", "name")):
+        params[section][key] = str(demo / params[section][key])
+    params["data"]["root"] = "ktvic"
+    params["train"]["epochs"] = 1
+    make_dataset(tmp_path / "ktvic", 12, 4)
+    (tmp_path / "params.yaml").write_text(dump_config(params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def edit_params(project: Path, section: str, key: str, value) -> None:
+    params = load_config(project / "params.yaml").model_dump()
+    params[section][key] = value
+    (project / "params.yaml").write_text(dump_config(params))
+
+
+def edit_annotations(project: Path, change) -> None:
+    path = project / "ktvic/train_data.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    change(raw)
+    path.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+
+
+def test_stages_run_from_the_cli_and_score_a_results_file(project):
+    assert invoke("extract").exit_code == 0
+    assert invoke("train").exit_code == 0
+    result = invoke("score")
+    assert result.exit_code == 0, result.output
+    assert "cider" in result.output and (project / "artifacts/metrics/viclipcap.json").is_file()
+
+    captions = project / "artifacts/metrics/viclipcap.captions.json"
+    again = invoke("score", "--captions", str(captions), "--out", "rescored.json")
+    assert again.exit_code == 0, again.output
+    rescored = json.loads((project / "rescored.json").read_text())
+    decoded = json.loads((project / "artifacts/metrics/viclipcap.json").read_text())
+    assert rescored["cider"] == decoded["cider"] and rescored["bleu_4"] == decoded["bleu_4"]
+
+
+def test_extract_one_split(project):
+    assert invoke("extract", "--split", "val").exit_code == 0
+    assert sorted(p.name for p in (project / "artifacts/features/clip").glob("*.h5")) == ["val.h5"]
+
+
+def test_caption_real_photos_in_any_colour_mode(demo, tmp_path, monkeypatch):
+    chelsea = Image.fromarray(photos.chelsea())
+    files = {
+        "astronaut.jpg": Image.fromarray(photos.astronaut()),
+        "camera.png": Image.fromarray(photos.camera()),  # greyscale
+        "chelsea_rgba.png": chelsea.convert("RGBA"),
+        "chelsea_cmyk.jpg": chelsea.convert("CMYK"),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    monkeypatch.chdir(demo)
+    paths = [str(tmp_path / name) for name in files]
+    result = invoke("caption", *paths)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == paths
+    assert all(line.split("\t")[1].strip() for line in lines)
+    as_json = json.loads(invoke("caption", "--json", *paths).stdout)
+    assert [(r["image"], r["caption"]) for r in as_json] == [tuple(line.split("\t")) for line in lines]
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (lambda p: p.__setitem__("data", {**p["data"], "root": "nowhere"}), ["nowhere", "data root not found"]),
+    (lambda p: p["train"].__setitem__("lr", "fast"), ["train.lr"]),
+    (lambda p: p["train"].__setitem__("epochs", 2.5), ["train.epochs"]),
+    (lambda p: p["mapper"].__setitem__("depth", 3), ["unknown key 'mapper.depth'"]),
+    (lambda p: p["score"].pop("beam_size"), ["missing key 'score.beam_size'"]),
+    (lambda p: p["mapper"].__setitem__("type", "lstm"), ["mapper.type"]),
+])
+def test_bad_params(project, change, fragments):
+    params = load_config("params.yaml").model_dump()
+    change(params)
+    (project / "params.yaml").write_text(dump_config(params))
+    assert_clear_error(invoke("extract"), "params.yaml" if "root" not in fragments[-1] else "", *fragments)
+
+
+def test_params_file_missing(project):
+    assert_clear_error(invoke("train", "--params", "other.yaml"), "other.yaml")
+
+
+def test_root_in_neither_layout(project):
+    (project / "ktvic/train_data.json").unlink()
+    assert_clear_error(invoke("extract"), "not a KTVIC folder")
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (lambda raw: raw["annotations"][3].pop("caption"), ["annotations[3]", "'caption'"]),
+    (lambda raw: raw["images"][0].pop("filename"), ["images[0]", "'filename'"]),
+    (lambda raw: raw["annotations"][0].__setitem__("image_id", 999), ["annotations[0]", "unknown image id 999"]),
+    (lambda raw: raw["annotations"][2].__setitem__("caption", "  "), ["annotations[2]", "empty caption"]),
+    (lambda raw: raw.__setitem__("annotations", [a for a in raw["annotations"] if a["image_id"] != 1]),
+     ["image id 1", "no captions"]),
+    (lambda raw: raw.pop("images"), ["'images'"]),
+])
+def test_bad_annotations(project, change, fragments):
+    edit_annotations(project, change)
+    assert_clear_error(invoke("extract"), "train_data.json", *fragments)
+    assert not (project / "artifacts").exists()
+
+
+def test_malformed_json(project):
+    (project / "ktvic/train_data.json").write_text('{"images": [', encoding="utf-8")
+    assert_clear_error(invoke("extract"), "train_data.json", "not valid JSON")
+
+
+def test_bad_image_files_are_all_listed_and_nothing_is_written(project):
+    images = project / "ktvic/train-images"
+    (images / "000001.jpg").unlink()
+    truncated = (images / "000002.jpg").read_bytes()
+    (images / "000002.jpg").write_bytes(truncated[: len(truncated) // 3])
+    (images / "000003.jpg").write_text("not a picture")
+    line = assert_clear_error(invoke("extract"), "3 bad image(s)", "000001.jpg (missing)", "000002.jpg", "000003.jpg (not an image)")
+    assert "--skip-bad-images" in line
+    store = project / "artifacts/features/clip"
+    assert not store.exists() or not any(store.iterdir())
+
+    assert invoke("extract", "--skip-bad-images").exit_code == 0
+    from pipeline.features import open_store
+
+    written = {split: open_store(store / f"{split}.h5", {}) for split in ("train", "val")}
+    skipped = written["train"].attrs["skipped_ids"] + written["val"].attrs["skipped_ids"]
+    assert sorted(skipped) == [1, 2, 3]
+    assert {1, 2, 3}.isdisjoint(np.concatenate([s.image_ids for s in written.values()]).tolist())
+    assert invoke("train").exit_code == 0  # training uses the images that were encoded
+
+
+def test_store_from_another_encoder_is_refused(project):
+    assert invoke("extract").exit_code == 0
+    edit_params(project, "clip", "normalize", False)
+    assert_clear_error(invoke("train"), "train.h5", "normalized=True", "re-run `viclip extract`")
+
+
+def test_model_dir_that_does_not_match_its_weights(project):
+    assert invoke("extract").exit_code == 0 and invoke("train").exit_code == 0
+    config = project / "artifacts/models/viclipcap/config.json"
+    raw = json.loads(config.read_text())
+    raw["mapper"]["prefix_length"] += 1
+    config.write_text(json.dumps(raw))
+    assert_clear_error(invoke("score"), "mapper.safetensors", "do not fit")
+    shutil.rmtree(project / "artifacts/models/viclipcap")
+    assert_clear_error(invoke("score"), "viclipcap", "not a model directory")
+
+
+@pytest.mark.parametrize("results, fragments", [
+    ([{"image_id": 424242, "caption": "x"}], ["unknown image ids: 424242"]),
+    ([{"image_id": 100000, "caption": "x"}], ["no caption for 3 test images"]),
+    ({"image_id": 1}, ["expected a JSON list"]),
+    ([{"image_id": "100000", "caption": "x"}], ["entry 0"]),
+])
+def test_score_captions_bad_results(project, results, fragments):
+    (project / "results.json").write_text(json.dumps(results))
+    assert_clear_error(invoke("score", "--captions", "results.json"), "results.json", *fragments)
+
+
+def test_unreachable_hub_weights_name_what_to_set(project):
+    assert invoke("extract").exit_code == 0
+    edit_params(project, "lm", "name", "imthanhlv/gpt2news")
+    assert_clear_error(invoke("train"), "imthanhlv/gpt2news", "lm.name")
+    assert not (project / "artifacts/models").exists()
+
+    shutil.rmtree(project / "artifacts")
+    edit_params(project, "clip", "pretrained", "openai")
+    edit_params(project, "clip", "config", None)
+    edit_params(project, "clip", "model", "ViT-B-32-quickgelu")
+    result = invoke("extract")
+    assert_clear_error(result, "ViT-B-32-quickgelu/openai", "clip.pretrained")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (project / "artifacts").exists()

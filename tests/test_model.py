@@ -1,0 +1,118 @@
+"""Frozen means frozen; the cached batched beam search equals a plain one; training is deterministic."""
+
+from __future__ import annotations
+
+from contextlib import chdir
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline.captioner import Captioner, load_captioner
+from pipeline.decoding import beam_search
+from pipeline.lm import load_lm
+from pipeline.mapper import build_mapper
+from pipeline.training import CaptionSet
+
+CPU = torch.device("cpu")
+
+
+def test_only_the_mapper_gets_gradients_and_is_saved(demo, config):
+    with chdir(demo):
+        captioner, spec = load_captioner("artifacts/models/viclipcap", CPU)
+    lm = captioner.lm.model
+    assert not lm.training and not any(p.requires_grad for p in lm.parameters())
+    assert [n for n, _ in captioner.named_parameters()] == [f"mapper.{n}" for n, _ in captioner.mapper.named_parameters()]
+
+    captioner.mapper.train()
+    tokens = torch.tensor([captioner.lm.encode(["có một hình tròn màu đỏ ở bên trái"])[0]] * 2)
+    loss = captioner.loss(torch.randn(2, spec.encoder["embedding_dim"]), tokens, torch.ones_like(tokens, dtype=torch.bool))
+    loss.backward()
+    assert all(p.grad is not None for p in captioner.mapper.parameters())
+    assert all(p.grad is None for p in lm.parameters())
+
+    saved = load_file(str(demo / "artifacts/models/viclipcap/mapper.safetensors"))
+    assert set(saved) == set(captioner.mapper.state_dict())
+
+
+def test_padding_and_prefix_never_reach_the_loss(demo, config):
+    with chdir(demo):
+        lm = load_lm(config.lm.name, CPU)
+    torch.manual_seed(0)
+    captioner = Captioner(build_mapper(config.mapper, 64, lm.width), lm)
+    short, long = lm.encode(["một hình tròn", "có ba hình vuông màu vàng ở bên phải"])
+    alone = captioner.loss(torch.ones(1, 64), torch.tensor([short]), torch.ones(1, len(short), dtype=torch.bool))
+    padded = torch.full((1, len(long)), 0)  # id 0 is a real token: it must be masked, not skipped by id
+    padded[0, : len(short)] = torch.tensor(short)
+    mask = torch.arange(len(long)) < len(short)
+    assert torch.allclose(alone, captioner.loss(torch.ones(1, 64), padded, mask.unsqueeze(0)), atol=1e-6)
+
+
+def plain_beam_search(captioner, embedding, beam_size, max_length, length_penalty):
+    """One image, no cache: the whole sequence is re-run at every step (the reference's way)."""
+    lm, eos = captioner.lm.model, captioner.lm.eos_token_id
+    prefix = captioner.prefix(embedding.unsqueeze(0))
+    beams = [([], 0.0, False)]  # (tokens, sum log-prob, finished)
+    for _ in range(max_length):
+        candidates = []
+        for tokens, score, done in beams:
+            if done:
+                candidates.append((tokens + [eos], score, True, len(tokens[: tokens.index(eos) + 1])))
+                continue
+            words = lm.get_input_embeddings()(torch.tensor([tokens], dtype=torch.long))
+            logp = lm(inputs_embeds=torch.cat([prefix, words], 1)).logits[0, -1].float().log_softmax(-1)
+            for token, value in enumerate(logp.tolist()):
+                candidates.append((tokens + [token], score + value, token == eos, len(tokens) + 1))
+        candidates.sort(key=lambda c: c[1] / c[3] ** length_penalty, reverse=True)
+        beams = [(t, s, d) for t, s, d, _ in candidates[:beam_size]]
+        if all(d for _, _, d in beams):
+            break
+
+    def length(tokens):
+        return tokens.index(eos) + 1 if eos in tokens else len(tokens)
+
+    best = max(beams, key=lambda b: b[1] / length(b[0]) ** length_penalty)[0]
+    return best[: best.index(eos)] if eos in best else best
+
+
+@torch.inference_mode()
+def test_batched_cached_beam_search_equals_plain_beam_search(demo, config):
+    with chdir(demo):
+        captioner, spec = load_captioner("artifacts/models/viclipcap", CPU)
+    torch.manual_seed(1)
+    embeddings = torch.nn.functional.normalize(torch.randn(6, spec.encoder["embedding_dim"]), dim=-1)
+    for beam_size, penalty in ((3, 1.0), (2, 0.0)):
+        batched = beam_search(captioner, embeddings, beam_size, 12, penalty)
+        plain = [plain_beam_search(captioner, e, beam_size, 12, penalty) for e in embeddings]
+        assert batched == plain
+
+
+def test_training_is_deterministic_for_a_seed(demo, config, tmp_path):
+    from pipeline.config import parse_config
+    from stages import train
+
+    raw = config.model_dump()
+    raw["train"].update(epochs=1, out=str(tmp_path / "a"))
+    first = parse_config(raw)
+    raw["train"]["out"] = str(tmp_path / "b")
+    second = parse_config(raw)
+    with chdir(demo):
+        train.run(first)
+        train.run(second)
+    a = load_file(str(tmp_path / "a/viclipcap/mapper.safetensors"))
+    b = load_file(str(tmp_path / "b/viclipcap/mapper.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_caption_sets_cut_batches_to_the_longest_caption(demo, config):
+    from pipeline.data import load_splits
+    from pipeline.features import open_store
+
+    with chdir(demo):
+        lm = load_lm(config.lm.name, CPU)
+        records = load_splits(config.data)["val"]
+        store = open_store("artifacts/features/clip/val.h5", {})
+    data = CaptionSet.build(records, store, lm, 60, CPU)
+    assert len(data) == 5 * len(records)
+    for embeddings, tokens, mask in data.batches(7):
+        assert mask[:, -1].any() and mask.sum(1).tolist() == [int(m.sum()) for m in mask]
+        assert embeddings.shape == (len(tokens), store.embeddings.shape[1])
