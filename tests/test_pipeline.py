@@ -51,3 +51,10 @@ def test_outputs_record_what_produced_them(demo):
         assert load_config(demo / folder / "params.yaml") == load_config(demo / "params.yaml")
     captions = json.loads((demo / "artifacts/metrics/viclipcap.captions.json").read_text())
     assert len(captions) == 80 and all(set(c) == {"image_id", "caption"} for c in captions)
+
+
+def test_dvc_shows_the_metrics_and_the_loss_plot(demo_copy):
+    metrics = dvc(demo_copy, "metrics", "show")
+    assert "cider" in metrics and "bleu_4" in metrics
+    dvc(demo_copy, "plots", "show")
+    assert "val_loss" in (demo_copy / "dvc_plots/index.html").read_text()
