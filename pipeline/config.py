@@ -81,7 +81,7 @@ class Config(_Section):
     score: ScoreConfig
 
 
-def _yaml() -> YAML:
+def yaml_parser() -> YAML:
     # YAML 1.2, as DVC reads params.yaml: "2e-5" is a float here, not a string.
     return YAML(typ="safe", pure=True)
 
@@ -89,7 +89,7 @@ def _yaml() -> YAML:
 def load_config(path: str | Path = "params.yaml") -> Config:
     path = Path(path)
     try:
-        raw = _yaml().load(path.read_text(encoding="utf-8"))
+        raw = yaml_parser().load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ViclipError(f"{path}: no such params file (pass --params PATH)") from None
     except YAMLError as error:

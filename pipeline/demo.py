@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.config import _yaml, dump_config, load_config, parse_config
+from pipeline.config import yaml_parser, dump_config, load_config, parse_config
 from pipeline.data import find_layout, load_splits, read_annotations
 from pipeline.errors import ViclipError
 from pipeline.io import write_json, write_text
@@ -52,7 +52,7 @@ def _project_file(name: str) -> Path:
 
 
 def demo_params(overrides: dict[str, dict[str, Any]] = OVERRIDES) -> dict[str, Any]:
-    raw = _yaml().load(_project_file("params.yaml").read_text(encoding="utf-8"))
+    raw = yaml_parser().load(_project_file("params.yaml").read_text(encoding="utf-8"))
     for section, values in overrides.items():
         raw[section].update(values)
     return parse_config(raw, source="demo params").model_dump()
