@@ -1,0 +1,250 @@
+"""The comparison report: the CNN+LSTM baseline and ViCLIPCap side by side.
+
+It lays this run's scores out in the ViCLIPCap paper's table layout, next to the
+figures that paper published, so a reader sees at a glance what this reproduction
+got and what was claimed. Two runs are only put side by side when their metrics
+files were scored on the same split, the same images and under the same protocol;
+anything else would compare numbers that mean different things.
+
+Inputs are plain dicts (a metrics JSON and a model directory's config.json per
+model name); the stage reads the files and writes what these functions return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ViclipError
+from pipeline.io import atomic_path
+
+Scores = Mapping[str, float | None]
+
+# Metric key and display label, in the order of the published table.
+ROWS: tuple[tuple[str, str], ...] = (
+    ("bleu_4", "BLEU-4"),
+    ("rouge_l", "ROUGE-L"),
+    ("cider", "CIDEr"),
+    ("meteor", "METEOR"),
+    ("spice", "SPICE"),
+    ("bleu_1", "BLEU-1"),
+    ("bleu_2", "BLEU-2"),
+    ("bleu_3", "BLEU-3"),
+)
+
+# Model name (as in the metrics files and model directories) and display name.
+COLUMNS: tuple[tuple[str, str], ...] = (("cnn_lstm", "CNN+LSTM"), ("viclipcap", "ViCLIPCap"))
+
+# The ViCLIPCap paper's KTVIC test results, copied, never re-run. Caveats found in
+# its public code: the "CNN+LSTM" column really came from an EfficientNetV2-S
+# encoder with a Transformer decoder; ViCLIPCap itself ran CLIP ViT-B/16 (not
+# ViT-B/32) with the GPT-2 (imthanhlv/gpt2news) fine-tuned, not frozen. Scored with
+# the raw pycocoevalcap scorers on lowercase whitespace-split syllables, no PTB
+# tokenizer. The paper gives BLEU-1..3 for ViCLIPCap only.
+REPORTED: dict[str, dict[str, float]] = {
+    "cnn_lstm": {"bleu_4": 0.2572, "rouge_l": 0.4895, "cider": 0.6282, "meteor": 0.2995, "spice": 0.0782},
+    "viclipcap": {
+        "bleu_4": 0.3431, "rouge_l": 0.5204, "cider": 0.8127, "meteor": 0.3194, "spice": 0.0829,
+        "bleu_1": 0.6731, "bleu_2": 0.5437, "bleu_3": 0.4316,
+    },
+}
+
+REPORTED_SUFFIX = " (reported)"
+MISSING_RUN = "n/a"  # a metric this run could not compute (its notes say why)
+MISSING_REPORTED = "—"  # a metric the paper does not give
+REPORTED_CAVEAT = (
+    "The reported columns are the figures published by ViCLIPCap for the KTVIC test split, "
+    "copied, not re-run. Their CNN+LSTM was really EfficientNetV2-S with a Transformer decoder, "
+    "and their ViCLIPCap ran CLIP ViT-B/16 with the GPT-2 fine-tuned; they scored with raw "
+    "pycocoevalcap on lowercase whitespace-split syllables (no PTB tokenizer)."
+)
+
+
+def _display(model: str) -> str:
+    return dict(COLUMNS)[model]
+
+
+def _shared_run(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, int, Mapping[str, str]]:
+    """The split, image count and protocol both metrics files share; refuse files that differ."""
+    missing = [model for model, _ in COLUMNS if model not in metrics]
+    if missing:
+        raise ViclipError(f"comparison: no metrics for {', '.join(missing)}")
+    first, second = (metrics[model] for model, _ in COLUMNS)
+    for field in ("split", "images", "protocol"):
+        if first.get(field) != second.get(field):
+            raise ViclipError(
+                f"comparison: the metrics files disagree on {field} "
+                f"({first.get(field)!r} vs {second.get(field)!r}); scores under different protocols are not comparable"
+            )
+    return first.get("split"), first.get("images"), first.get("protocol") or {}
+
+
+def _cell(value: float | None, missing: str, bold: bool = False) -> str:
+    if value is None:
+        return missing
+    text = f"{value:.4f}"
+    return f"**{text}**" if bold else text
+
+
+def _metric_row(key: str, label: str, metrics: Mapping[str, Scores], reported: Mapping[str, Scores]) -> str:
+    runs = [metrics[model].get(key) for model, _ in COLUMNS]
+    # Compare what is shown: two values that print the same are a tie, both bold.
+    shown = [None if v is None else round(v, 4) for v in runs]
+    best = max((v for v in shown if v is not None), default=None)
+    cells = [_cell(v, MISSING_RUN, bold=v is not None and s == best) for v, s in zip(runs, shown)]
+    cells += [_cell(reported.get(model, {}).get(key), MISSING_REPORTED) for model, _ in COLUMNS]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _metrics_table(metrics: Mapping[str, Scores], reported: Mapping[str, Scores]) -> list[str]:
+    names = [name for _, name in COLUMNS]
+    header = ["Metric", *names, *(name + REPORTED_SUFFIX for name in names)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *(_metric_row(key, label, metrics, reported) for key, label in ROWS),
+    ]
+
+
+def _config_field(config: Mapping[str, Any], key: str, model: str) -> Any:
+    if key not in config:
+        raise ViclipError(f"comparison: {model} model config.json has no {key!r}")
+    return config[key]
+
+
+def _model_row(model: str, config: Mapping[str, Any]) -> str:
+    encoder = _config_field(config, "encoder", model)
+    cells = [
+        _display(model),
+        f"{str(encoder.get('encoder', '?')).upper()} {encoder.get('model', '?')}",
+        f"{_config_field(config, 'trainable_parameters', model):,}",
+        f"{_config_field(config, 'train_seconds', model):.1f}",
+        str(_config_field(config, "best_epoch", model)),
+        str(_config_field(config, "device", model)),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _models_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    missing = [model for model, _ in COLUMNS if model not in models]
+    if missing:
+        raise ViclipError(f"comparison: no model config for {', '.join(missing)}")
+    return [
+        "| Model | Encoder | Trainable parameters | Training time (s) | Best epoch | Hardware |",
+        "|---|---|---|---|---|---|",
+        *(_model_row(model, models[model]) for model, _ in COLUMNS),
+    ]
+
+
+def _note_bullets(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One bullet per distinct note; a note both runs share is said once."""
+    labels = dict(ROWS)
+    holders: dict[tuple[str, str], list[str]] = {}
+    for model, name in COLUMNS:
+        for key, text in (metrics[model].get("notes") or {}).items():
+            holders.setdefault((key, text), []).append(name)
+    bullets = []
+    for (key, text), names in holders.items():
+        whose = "" if len(names) == len(COLUMNS) else f" ({', '.join(names)})"
+        bullets.append(f"- {labels.get(key, key)}{whose}: {text}")
+    return bullets
+
+
+def comparison_markdown(
+    metrics: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, Mapping[str, Any]],
+    title_note: str = "",
+    chart: str = "comparison.png",
+    reported: Mapping[str, Scores] = REPORTED,
+) -> str:
+    """The Markdown report: the metrics table, the models, the protocol and notes, the chart."""
+    split, images, protocol = _shared_run(metrics)
+    title = "CNN+LSTM vs ViCLIPCap" + (f" ({title_note})" if title_note else "")
+    lines = [
+        f"# {title}",
+        "",
+        f"Split `{split}`, {images:,} images; both models scored under the same protocol (below).",
+        "",
+        *_metrics_table(metrics, reported),
+        "",
+        f"Bold: the better of this run's two values. {REPORTED_CAVEAT}",
+        "",
+        "## Models",
+        "",
+        *_models_table(models),
+        "",
+        "## Protocol and notes",
+        "",
+        *(f"- {key.capitalize()}: {value}" for key, value in protocol.items()),
+        *_note_bullets(metrics),
+        "",
+        f"![{title}: this run and reported]({chart})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _parse_cell(cell: str) -> float | None:
+    text = cell.strip().strip("*").strip()
+    return None if text in (MISSING_RUN, MISSING_REPORTED) else float(text)
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def read_markdown_table(markdown: str) -> dict[str, dict[str, float | None]]:
+    """The comparison table read back: {column display name: {metric key: value}}."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| Metric |")), None)
+    if start is None:
+        raise ViclipError("comparison: no table with a '| Metric |' header")
+    columns = _cells(lines[start])[1:]
+    keys = {label: key for key, label in ROWS}
+    table: dict[str, dict[str, float | None]] = {column: {} for column in columns}
+    for line in lines[start + 2:]:  # past the header and its |---| line
+        if not line.startswith("|"):
+            break
+        label, *values = _cells(line)
+        if label not in keys:
+            raise ViclipError(f"comparison table: unknown metric row {label!r}")
+        for column, value in zip(columns, values):
+            table[column][keys[label]] = _parse_cell(value)
+    return table
+
+
+def bar_chart(
+    metrics: Mapping[str, Mapping[str, Any]], path: str | Path, reported: Mapping[str, Scores] = REPORTED
+) -> None:
+    """Write a PNG of the table's figures: grouped bars per metric, this run solid, reported hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    split, images, _ = _shared_run(metrics)
+    shown = [(key, label) for key, label in ROWS if any(metrics[m].get(key) is not None for m, _ in COLUMNS)]
+    series = [(name, metrics[model], {}, f"C{i}") for i, (model, name) in enumerate(COLUMNS)]
+    series += [
+        (name + REPORTED_SUFFIX, reported.get(model, {}), {"alpha": 0.4, "hatch": "//"}, f"C{i}")
+        for i, (model, name) in enumerate(COLUMNS)
+    ]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    try:
+        for i, (name, scores, style, colour) in enumerate(series):
+            bars = [(x + (i - (len(series) - 1) / 2) * width, scores.get(key))
+                    for x, (key, _) in enumerate(shown) if scores.get(key) is not None]
+            if bars:
+                xs, heights = zip(*bars)
+                ax.bar(xs, heights, width, label=name, color=colour, edgecolor=colour, **style)
+        ax.set_xticks(range(len(shown)), [label for _, label in shown])
+        ax.set_ylabel("score")
+        ax.set_title(f"CNN+LSTM vs ViCLIPCap: {split} split, {images:,} images")
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(path) as partial:
+            fig.savefig(partial, format="png", dpi=120)
+    finally:
+        plt.close(fig)

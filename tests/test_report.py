@@ -1,0 +1,112 @@
+"""The comparison report: the table says what the metrics files say, bold marks the better run,
+the published figures sit beside them untouched, and the chart is written whole or not at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.figure
+import pytest
+from PIL import Image
+
+from pipeline.errors import ViclipError
+from pipeline.metrics import PROTOCOL
+from pipeline.report import bar_chart, comparison_markdown, read_markdown_table
+
+SPICE_NOTE = "SPICE needs Stanford CoreNLP 3.6.0; it cannot be fetched offline"
+SCORES = {
+    "cnn_lstm": {"bleu_1": 0.61234, "bleu_2": 0.45, "bleu_3": 0.33, "bleu_4": 0.24567, "meteor": None,
+                 "rouge_l": 0.5, "cider": 0.61, "spice": None},
+    "viclipcap": {"bleu_1": 0.6, "bleu_2": 0.5, "bleu_3": 0.4, "bleu_4": 0.31, "meteor": 0.29,
+                  "rouge_l": 0.50001, "cider": 0.83, "spice": None},
+}
+MODELS = {
+    "cnn_lstm": {"trainable_parameters": 12_345_678, "train_seconds": 3600.04, "device": "cpu", "best_epoch": 7,
+                 "encoder": {"encoder": "cnn", "model": "resnet101"}},
+    "viclipcap": {"trainable_parameters": 3_456_789, "train_seconds": 812.34, "device": "NVIDIA H100", "best_epoch": 9,
+                  "encoder": {"encoder": "clip", "model": "ViT-B-32-quickgelu"}},
+}
+
+
+def metrics(**changes) -> dict:
+    files = {name: {**scores, "model": name, "split": "test", "images": 558, "protocol": dict(PROTOCOL),
+                    "notes": {"spice": SPICE_NOTE}} for name, scores in SCORES.items()}
+    files["viclipcap"].update(changes)
+    return files
+
+
+def row(markdown: str, label: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_bold_marks_the_better_run_in_each_row():
+    markdown = comparison_markdown(metrics(), MODELS)
+    assert row(markdown, "BLEU-4")[:2] == ["0.2457", "**0.3100**"]
+    assert row(markdown, "BLEU-1")[:2] == ["**0.6123**", "0.6000"]
+    assert row(markdown, "ROUGE-L")[:2] == ["**0.5000**", "**0.5000**"]  # equal as shown: a tie
+    assert row(markdown, "METEOR")[:2] == ["n/a", "**0.2900**"]
+    assert row(markdown, "SPICE")[:2] == ["n/a", "n/a"]
+
+
+def test_reported_columns_are_the_published_figures_never_bold():
+    markdown = comparison_markdown(metrics(), MODELS)
+    table = read_markdown_table(markdown)
+    assert table["CNN+LSTM (reported)"] == {"bleu_4": 0.2572, "rouge_l": 0.4895, "cider": 0.6282, "meteor": 0.2995,
+                                            "spice": 0.0782, "bleu_1": None, "bleu_2": None, "bleu_3": None}
+    assert table["ViCLIPCap (reported)"] == {"bleu_4": 0.3431, "rouge_l": 0.5204, "cider": 0.8127, "meteor": 0.3194,
+                                             "spice": 0.0829, "bleu_1": 0.6731, "bleu_2": 0.5437, "bleu_3": 0.4316}
+    reported_cells = [cell for label in ("BLEU-4", "CIDEr", "BLEU-1") for cell in row(markdown, label)[2:]]
+    assert not any("**" in cell for cell in reported_cells)
+    assert row(markdown, "BLEU-1")[2] == "—"
+    assert "not re-run" in markdown and "EfficientNetV2-S" in markdown and "ViT-B/16" in markdown
+
+
+def test_table_reads_back_as_the_metrics_files():
+    table = read_markdown_table(comparison_markdown(metrics(), MODELS))
+    for name, column in (("cnn_lstm", "CNN+LSTM"), ("viclipcap", "ViCLIPCap")):
+        assert table[column] == {k: None if v is None else round(v, 4) for k, v in SCORES[name].items()}
+
+
+def test_report_states_split_models_protocol_notes_and_chart():
+    markdown = comparison_markdown(metrics(), MODELS, chart="chart.png")
+    assert "`test`, 558 images" in markdown
+    assert "| ViCLIPCap | CLIP ViT-B-32-quickgelu | 3,456,789 | 812.3 | 9 | NVIDIA H100 |" in markdown
+    assert "| CNN+LSTM | CNN resnet101 | 12,345,678 | 3600.0 | 7 | cpu |" in markdown
+    assert f"- Tokenisation: {PROTOCOL['tokenisation']}" in markdown
+    assert f"- SPICE: {SPICE_NOTE}" in markdown
+    assert "](chart.png)" in markdown
+
+
+@pytest.mark.parametrize("field, value", [
+    ("images", 550), ("split", "val"), ("protocol", {**PROTOCOL, "tokenisation": "word-segmented"}),
+])
+def test_runs_under_different_protocols_are_not_compared(field, value, tmp_path):
+    with pytest.raises(ViclipError, match=f"disagree on {field}"):
+        comparison_markdown(metrics(**{field: value}), MODELS)
+    with pytest.raises(ViclipError, match=f"disagree on {field}"):
+        bar_chart(metrics(**{field: value}), tmp_path / "comparison.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bar_chart_writes_a_png(tmp_path):
+    path = tmp_path / "comparison.png"
+    bar_chart(metrics(), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 0 and image.height > 0
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_failed_chart_leaves_the_old_one_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "comparison.png"
+    path.write_bytes(b"old chart")
+
+    def broken_savefig(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"half a chart")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        bar_chart(metrics(), path)
+    assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == b"old chart"
