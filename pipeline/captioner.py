@@ -1,42 +1,45 @@
-"""The captioner: a trained mapper in front of a frozen LM, and the model directory that holds it.
+"""ViCLIPCap: a trained mapping network in front of a frozen LM (prefix tuning, after ClipCap).
 
-A model directory holds only what was trained:
-  mapper.safetensors  the mapper's weights
-  config.json         what to rebuild around them: the LM, the CLIP encoder, the mapper shape
-  params.yaml         the resolved params of the run that produced it
+Its model directory holds `mapper.safetensors`, the mapper's weights, and nothing of the LM.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel
 from torch import nn
 
-from pipeline.config import ClipConfig, MapperConfig
-from pipeline.errors import ViclipError
+from pipeline.config import Config
+from pipeline.data import ImageRecord
 from pipeline.lm import LanguageModel, load_lm
 from pipeline.mapper import build_mapper
+from pipeline.models import CaptionModel, Step, load_weights, save_weights
 
-FORMAT = "viclip-model/1"
 WEIGHTS = "mapper.safetensors"
-CONFIG = "config.json"
 
 IGNORE = -100  # label of prefix and padding positions: never id 0, which is a real GPT-2 token
 
 
-class Captioner(nn.Module):
+class Captioner(CaptionModel):
     def __init__(self, mapper: nn.Module, lm: LanguageModel):
         super().__init__()
         self.mapper = mapper
         # A plain dataclass, not a submodule: the LM is not ours to train or save,
         # so parameters() and state_dict() see the mapper alone.
         self.lm = lm
+        self.eos_token_id = lm.eos_token_id
+        self.max_tokens = lm.model.config.max_position_embeddings - mapper.prefix_length
+
+    def encode(self, captions: list[str]) -> list[list[int]]:
+        return self.lm.encode(captions)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.lm.decode(tokens)
 
     def prefix(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D) image embeddings -> (B, k, W) prefix embeddings."""
@@ -59,63 +62,31 @@ class Captioner(nn.Module):
         labels = tokens.masked_fill(~mask, IGNORE)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
+    def start_decoding(self, embeddings: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
+        """Run the prefix once; each later step feeds one token per beam on the reordered KV cache."""
+        lm = self.lm.model
+        out = lm(inputs_embeds=self.prefix(embeddings), use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(beams)
 
-def trainable_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+        def step(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            cache.reorder_cache(rows)
+            return lm(input_ids=tokens.view(-1, 1), cache=cache, use_cache=True).logits[:, -1]
 
+        return out.logits[:, -1], step
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a model directory's config.json says."""
-
-    name: str
-    lm: str
-    clip: ClipConfig
-    encoder: dict[str, Any]  # feature-store attributes the mapper was trained on
-    mapper: MapperConfig
-    extra: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT, "model": self.name, "lm": self.lm, "clip": self.clip.model_dump(),
-            "encoder": self.encoder, "mapper": self.mapper.model_dump(), **self.extra,
-        }
+    def save(self, directory: Path) -> None:
+        save_weights(self.mapper, directory / WEIGHTS)
 
 
-def read_spec(model_dir: str | Path) -> ModelSpec:
-    path = Path(model_dir) / CONFIG
-    if not path.is_file():
-        raise ViclipError(f"{model_dir}: not a model directory (no {CONFIG}; run `viclip train`)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("format") != FORMAT:
-            raise ViclipError(f"{path}: not a viclip model config (format {raw.get('format')!r})")
-        known = {"format", "model", "lm", "clip", "encoder", "mapper"}
-        return ModelSpec(
-            raw["model"], raw["lm"], ClipConfig.model_validate(raw["clip"]), raw["encoder"],
-            MapperConfig.model_validate(raw["mapper"]), {k: v for k, v in raw.items() if k not in known},
-        )
-    except (json.JSONDecodeError, KeyError, ValueError) as error:
-        raise ViclipError(f"{path}: malformed model config ({str(error).splitlines()[0]})") from None
+def build(config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any], device: torch.device) -> Captioner:
+    """A fresh mapper sized from the stored embeddings and the LM, in front of the frozen LM."""
+    lm = load_lm(config.lm.name, device)
+    return Captioner(build_mapper(config.mapper, encoder["embedding_dim"], lm.width).to(device), lm)
 
 
-def save_mapper(mapper: nn.Module, path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in mapper.state_dict().items()}, str(path))
-
-
-def load_captioner(model_dir: str | Path, device: torch.device) -> tuple[Captioner, ModelSpec]:
-    """Rebuild exactly the model that was trained: its LM, its mapper shape, its weights."""
-    spec = read_spec(model_dir)
-    lm = load_lm(spec.lm, device)
-    mapper = build_mapper(spec.mapper, spec.encoder["embedding_dim"], lm.width)
-    weights = Path(model_dir) / WEIGHTS
-    if not weights.is_file():
-        raise ViclipError(f"{weights}: mapper weights missing")
-    try:
-        mapper.load_state_dict(load_file(str(weights)))
-    except RuntimeError as error:
-        raise ViclipError(
-            f"{weights}: weights do not fit the mapper in {CONFIG} "
-            f"({str(error).splitlines()[-1].strip()})"
-        ) from None
-    return Captioner(mapper.to(device).eval(), lm), spec
+def load(model_dir: Path, sections: dict[str, BaseModel], encoder: dict[str, Any], device: torch.device) -> Captioner:
+    lm = load_lm(sections["lm"].name, device)
+    mapper = build_mapper(sections["mapper"], encoder["embedding_dim"], lm.width)
+    load_weights(mapper, model_dir / WEIGHTS)
+    return Captioner(mapper.to(device).eval(), lm)

@@ -17,6 +17,7 @@ import typer
 from pipeline.config import Config, load_config
 from pipeline.data import SPLITS
 from pipeline.errors import ViclipError
+from pipeline.paths import ENCODERS, MODELS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,6 +25,14 @@ app = typer.Typer(
 )
 
 Params = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+ModelName = Annotated[str, typer.Option("--model", help="Which model: viclipcap, or the cnn_lstm baseline.")]
+ModelDir = Annotated[Optional[Path], typer.Option(help="Read the model from this directory instead (default: from params).")]
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        typer.echo(f"error: {option} must be one of {', '.join(choices)}, not {value!r}", err=True)
+        raise typer.Exit(2)
 
 
 @contextmanager
@@ -45,45 +54,49 @@ def _run(params: Path, stage: Callable[[Config], str]) -> None:
 
 @app.command()
 def extract(
+    encoder: Annotated[str, typer.Option(help="Which encoder: clip (for viclipcap) or cnn (for cnn_lstm).")] = ENCODERS[0],
     split: Annotated[Optional[str], typer.Option(help=f"Only this split ({', '.join(SPLITS)}).")] = None,
     skip_bad_images: Annotated[bool, typer.Option(
         "--skip-bad-images", help="Skip unreadable images (recorded in the store) instead of stopping.")] = False,
     params: Params = Path("params.yaml"),
 ) -> None:
-    """Stage 1: run the frozen CLIP encoder once over every image; write the HDF5 feature store."""
+    """Stage 1: run a frozen image encoder once over every image; write its HDF5 feature store."""
     from stages import extract as stage
 
-    if split is not None and split not in SPLITS:
-        typer.echo(f"error: --split must be one of {', '.join(SPLITS)}, not {split!r}", err=True)
-        raise typer.Exit(2)
-    _run(params, lambda config: stage.run(config, (split,) if split else SPLITS, skip_bad_images))
+    _choice("--encoder", encoder, ENCODERS)
+    if split is not None:
+        _choice("--split", split, SPLITS)
+    _run(params, lambda config: stage.run(config, (split,) if split else SPLITS, skip_bad_images, encoder))
 
 
 @app.command()
-def train(params: Params = Path("params.yaml")) -> None:
-    """Stage 2: train the mapping network on the stored embeddings, the language model frozen."""
+def train(model: ModelName = MODELS[0], params: Params = Path("params.yaml")) -> None:
+    """Stage 2: train a model on the stored image features, its encoder (and LM) frozen."""
     from stages import train as stage
 
-    _run(params, stage.run)
+    _choice("--model", model, MODELS)
+    _run(params, lambda config: stage.run(config, model))
 
 
 @app.command()
 def score(
     captions: Annotated[Optional[Path], typer.Option(
         help="Score this COCO results file (JSON list of {image_id, caption}) instead of decoding.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: from params).")] = None,
+    model: ModelName = MODELS[0],
+    model_dir: ModelDir = None,
     out: Annotated[Optional[Path], typer.Option(help="With --captions: also write the metrics JSON here.")] = None,
     params: Params = Path("params.yaml"),
 ) -> None:
-    """Stage 3: decode the test split with the trained model and score it (or score --captions FILE)."""
+    """Stage 3: decode the test split with a trained model and score it (or score --captions FILE)."""
     from pipeline.io import write_json
     from pipeline.metrics import format_table
     from stages import score as stage
 
+    _choice("--model", model, MODELS)
     with _clear_errors():
         config = load_config(params)
         if captions is None:
-            metrics, summary = stage.run(config, model)
+            metrics, summary = stage.run(config, model, model_dir)
         else:
             metrics = stage.score_file(config, captions)
             summary = f"score: {metrics['images']} test images from {captions}"
@@ -99,15 +112,19 @@ def score(
 @app.command()
 def caption(
     images: Annotated[list[Path], typer.Argument(help="Image files to caption.")],
-    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: from params).")] = None,
+    model: ModelName = MODELS[0],
+    model_dir: ModelDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {image, caption}.")] = False,
     params: Params = Path("params.yaml"),
 ) -> None:
     """Caption new image files with a trained model, many at once; one line per image."""
+    from pipeline import paths
     from pipeline.inference import caption_files
 
+    _choice("--model", model, MODELS)
     with _clear_errors():
-        results = caption_files(load_config(params), images, model)
+        config = load_config(params)
+        results = caption_files(config, images, model_dir or paths.model_dir(config, model))
     if as_json:
         typer.echo(json.dumps([{"image": str(p), "caption": c} for p, c in results], ensure_ascii=False, indent=1))
     else:
@@ -116,10 +133,18 @@ def caption(
 
 
 @app.command()
+def compare(params: Params = Path("params.yaml")) -> None:
+    """Stage 4: the two models side by side: comparison.md (the published table layout) and a bar chart."""
+    from stages import compare as stage
+
+    _run(params, stage.run)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo builds its data, models and DVC project.")] = Path("demo-run"),
 ) -> None:
-    """The whole pipeline offline: synthetic KTVIC-layout data, tiny local models, `dvc repro`, metrics."""
+    """The whole pipeline offline: synthetic KTVIC-layout data, tiny local models, `dvc repro`, the comparison."""
     from pipeline.demo import run_demo
 
     with _clear_errors():

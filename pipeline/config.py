@@ -34,6 +34,13 @@ class ClipConfig(_Section):
     normalize: bool  # L2-normalise the image embeddings
 
 
+class CnnConfig(_Section):
+    model: str  # a torchvision classification CNN (ResNet family, or one with a `.features` trunk)
+    weights: str | None  # a torchvision weights name (e.g. "IMAGENET1K_V2"), a local checkpoint file, or null: random
+    image_size: int = Field(gt=0)  # images are resized to image_size x image_size (nothing cropped)
+    grid: int = Field(gt=0)  # the feature map is pooled to grid x grid positions
+
+
 class LmConfig(_Section):
     name: str  # a Hugging Face id or a local directory
 
@@ -46,6 +53,17 @@ class MapperConfig(_Section):
     num_heads: int = Field(gt=0)  # attention heads per layer
 
 
+class LstmConfig(_Section):
+    """The baseline's decoder: Show, Attend and Tell over the CNN grid."""
+
+    min_count: int = Field(gt=0)  # syllables seen fewer times in the training captions become <unk>
+    embed_dim: int = Field(gt=0)  # syllable embeddings
+    attention_dim: int = Field(gt=0)
+    hidden_dim: int = Field(gt=0)  # LSTM state
+    dropout: float = Field(ge=0, lt=1)
+    attention_reg: float = Field(ge=0)  # weight of the doubly stochastic attention penalty
+
+
 class ExtractConfig(_Section):
     batch_size: int = Field(gt=0)
     num_workers: int = Field(ge=0)  # image-decoding worker processes
@@ -53,14 +71,23 @@ class ExtractConfig(_Section):
     out: str  # feature stores go to OUT/<encoder>/<split>.h5
 
 
-class TrainConfig(_Section):
-    epochs: int = Field(gt=0)
+class TrainSettings(_Section):
+    """One model's optimisation: AdamW, linear warm-up then decay, early stopping on validation loss."""
+
+    epochs: int = Field(gt=0)  # at most
+    patience: int = Field(gt=0)  # stop after this many epochs without a better validation loss
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_steps: int = Field(ge=0)
+    grad_clip: float | None = Field(gt=0)  # max gradient norm, or null: no clipping
+
+
+class TrainConfig(_Section):
     seed: int
     out: str  # models go to OUT/<model>/, their per-epoch log to OUT/<model>.csv
+    viclipcap: TrainSettings
+    cnn_lstm: TrainSettings
 
 
 class ScoreConfig(_Section):
@@ -71,14 +98,21 @@ class ScoreConfig(_Section):
     out: str  # metrics go to OUT/<model>.json, captions to OUT/<model>.captions.json
 
 
+class CompareConfig(_Section):
+    out: str  # the comparison report goes to OUT/comparison.md, its chart to OUT/comparison.png
+
+
 class Config(_Section):
     data: DataConfig
     clip: ClipConfig
+    cnn: CnnConfig
     lm: LmConfig
     mapper: MapperConfig
+    lstm: LstmConfig
     extract: ExtractConfig
     train: TrainConfig
     score: ScoreConfig
+    compare: CompareConfig
 
 
 def yaml_parser() -> YAML:

@@ -1,9 +1,11 @@
-"""Beam search over many images at once, on the LM's key/value cache.
+"""Beam search over many images at once, for either model.
 
-Each step feeds one new token per beam; the cache is reordered to follow the
-surviving beams, so no step re-runs the sequence so far. Beams are ranked by
-sum of log-probabilities / length ** length_penalty (the end-of-text token
-counts in the length); a finished beam carries forward unchanged.
+The model keeps its own decoding state (the LM's key/value cache, or the
+LSTM's h and c) and reorders it to follow the surviving beams, so each step
+feeds one new token per beam and no step re-runs the sequence so far. Beams
+are ranked by sum of log-probabilities / length ** length_penalty (the
+end-of-text token counts in the length); a finished beam carries forward
+unchanged.
 """
 
 from __future__ import annotations
@@ -11,27 +13,25 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from pipeline.captioner import Captioner
 from pipeline.config import ScoreConfig
+from pipeline.models import CaptionModel
 
 
 @torch.inference_mode()
 def beam_search(
-    captioner: Captioner,
-    embeddings: torch.Tensor,
+    model: CaptionModel,
+    features: torch.Tensor,
     beam_size: int,
     max_length: int,
     length_penalty: float,
 ) -> list[list[int]]:
-    """(N, D) embeddings -> the best caption's token ids for each image, end-of-text excluded."""
-    lm, eos = captioner.lm.model, captioner.lm.eos_token_id
-    images, beams = embeddings.shape[0], beam_size
-    device = embeddings.device
+    """(N, ...) image features -> the best caption's token ids for each image, end-of-text excluded."""
+    eos = model.eos_token_id
+    images, beams = features.shape[0], beam_size
+    device = features.device
 
-    out = lm(inputs_embeds=captioner.prefix(embeddings), use_cache=True)
-    cache = out.cache
-    cache.batch_repeat_interleave(beams)
-    logp = out.logits[:, -1].float().log_softmax(-1)  # (N, V)
+    first, step = model.start_decoding(features, beams)
+    logp = first.float().log_softmax(-1)  # (N, V)
     vocab = logp.shape[-1]
     logp = logp.repeat_interleave(beams, dim=0).view(images, beams, vocab)
 
@@ -59,9 +59,7 @@ def beam_search(
         tokens = torch.cat([tokens.gather(1, source.unsqueeze(-1).expand_as(tokens)), token.unsqueeze(-1)], -1)
         if finished.all():
             break
-        cache.reorder_cache((source + offsets).view(-1))
-        out = lm(input_ids=token.view(-1, 1), cache=cache, use_cache=True)
-        logp = out.logits[:, -1].float().log_softmax(-1).view(images, beams, vocab)
+        logp = step((source + offsets).view(-1), token.view(-1)).float().log_softmax(-1).view(images, beams, vocab)
 
     best = (scores / lengths.clamp(min=1) ** length_penalty).argmax(dim=1)  # (N,)
     return [_until_eos(tokens[i, best[i]].tolist(), eos) for i in range(images)]
@@ -71,14 +69,12 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
-def caption_embeddings(
-    captioner: Captioner, embeddings: torch.Tensor, settings: ScoreConfig, description: str = "decode"
+def caption_features(
+    model: CaptionModel, features: torch.Tensor, settings: ScoreConfig, description: str = "decode"
 ) -> list[str]:
-    """Captions for (N, D) embeddings, decoded `settings.batch_size` images at a time."""
+    """Captions for (N, ...) image features, decoded `settings.batch_size` images at a time."""
     captions: list[str] = []
-    for batch in tqdm(embeddings.split(settings.batch_size), desc=description, unit="batch", disable=None):
-        for tokens in beam_search(
-            captioner, batch, settings.beam_size, settings.max_length, settings.length_penalty
-        ):
-            captions.append(captioner.lm.decode(tokens))
+    for batch in tqdm(features.split(settings.batch_size), desc=description, unit="batch", disable=None):
+        for tokens in beam_search(model, batch, settings.beam_size, settings.max_length, settings.length_penalty):
+            captions.append(model.decode(tokens))
     return captions

@@ -3,6 +3,7 @@
 Everything goes under the work directory, a self-contained DVC project:
   data/ktvic/     synthetic KTVIC-layout images and captions
   models/clip/    a tiny open_clip ViT (architecture JSON + checkpoint)
+  models/cnn/     a random torchvision ResNet-18 checkpoint (the baseline's CNN)
   models/lm/      a tiny GPT-2 and its byte-level BPE tokenizer
   params.yaml     the project's params with the tiny models and demo-sized training
   dvc.yaml        the project's own pipeline; pipeline/ and stages/ link to the code
@@ -26,8 +27,9 @@ from pipeline.data import find_layout, load_splits, read_annotations
 from pipeline.errors import ViclipError
 from pipeline.io import write_json, write_text
 from pipeline.metrics import format_table
+from pipeline.report import COLUMNS
 from pipeline.synthetic import caption_groups, make_dataset
-from pipeline.tiny import TINY_CLIP, make_tiny_clip, make_tiny_lm
+from pipeline.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cnn, make_tiny_lm
 
 PROJECT = Path(__file__).resolve().parents[1]
 CODE = ("pipeline", "stages")
@@ -37,9 +39,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "data": {"root": "data/ktvic"},
     "clip": {"model": TINY_CLIP, "pretrained": f"models/clip/{TINY_CLIP}.safetensors",
              "config": f"models/clip/{TINY_CLIP}.json"},
+    "cnn": {"model": TINY_CNN, "weights": f"models/cnn/{TINY_CNN}.safetensors", "image_size": 96, "grid": 3},
     "lm": {"name": "models/lm"},
     "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 2, "num_heads": 2},
-    "train": {"epochs": 20, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
+    "lstm": {"min_count": 2, "embed_dim": 64, "attention_dim": 64, "hidden_dim": 128, "dropout": 0.3},
+    "train": {
+        "viclipcap": {"epochs": 20, "patience": 20, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
+        "cnn_lstm": {"epochs": 12, "patience": 3, "batch_size": 32, "lr": 3.0e-3},
+    },
     "score": {"beam_size": 3, "max_length": 24},
 }
 
@@ -53,9 +60,15 @@ def _project_file(name: str) -> Path:
 
 def demo_params(overrides: dict[str, dict[str, Any]] = OVERRIDES) -> dict[str, Any]:
     raw = yaml_parser().load(_project_file("params.yaml").read_text(encoding="utf-8"))
-    for section, values in overrides.items():
-        raw[section].update(values)
-    return parse_config(raw, source="demo params").model_dump()
+    return parse_config(_merge(raw, overrides), source="demo params").model_dump()
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied key by key, nested mappings merged rather than replaced."""
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return merged
 
 
 def prepare(workdir: Path, train_images: int = 400, test_images: int = 80,
@@ -66,6 +79,7 @@ def prepare(workdir: Path, train_images: int = 400, test_images: int = 80,
     root = make_dataset(workdir / params["data"]["root"], train_images, test_images)
     train = read_annotations(*find_layout(root)["train"])
     make_tiny_clip(workdir / "models/clip", [(r.path, c) for r in train for c in r.captions])
+    make_tiny_cnn(workdir / "models/cnn")
     make_tiny_lm(caption_groups(root), workdir / params["lm"]["name"])
     for name in CODE:
         link = workdir / name
@@ -108,12 +122,15 @@ def run_demo(workdir: Path) -> None:
     if not (workdir / "params.yaml").is_file():
         print(f"demo: building synthetic data and tiny models in {workdir}")
         prepare(workdir)
-    print("demo: dvc repro (extract -> train -> score)")
+    print("demo: dvc repro (extract -> train -> score, for both models; then compare)")
     sys.stdout.write(dvc(workdir, "repro"))
     config = load_config(workdir / "params.yaml")
     with chdir(workdir):
-        model = json.loads(paths.metrics_path(config).read_text(encoding="utf-8"))
-        blind = score_file(config, blind_captions(workdir).name)
-    print(f"\nKTVIC-layout synthetic test split, {model['images']} images; protocol: {model['protocol']['tokenisation']}")
-    print(format_table({"viclipcap": model, "blind": blind}))
+        # Columns in the published table's order: the baseline first.
+        scores = {m: json.loads(paths.metrics_path(config, m).read_text(encoding="utf-8")) for m, _ in COLUMNS}
+        scores["blind"] = score_file(config, blind_captions(workdir).name)
+    first = scores[paths.MODEL]
+    print(f"\nKTVIC-layout synthetic test split, {first['images']} images; protocol: {first['protocol']['tokenisation']}")
+    print(format_table(scores))
     print("blind = the most frequent training caption for every image")
+    print(f"comparison table and chart: {workdir / paths.report_path(config)}, {workdir / paths.chart_path(config)}")

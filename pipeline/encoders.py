@@ -1,14 +1,15 @@
-"""The frozen CLIP image encoder, and batched image encoding with decoding in worker processes."""
+"""Frozen image encoders (CLIP for ViCLIPCap, a CNN for the baseline), and batched encoding of image files
+with decoding in worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import logging
+import platform
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -16,12 +17,22 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.config import ClipConfig
-from pipeline.errors import ViclipError
 
 
 def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hardware(device: torch.device) -> str:
+    """What a run ran on, for the record: the GPU's name, or the CPU's model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
 @cache
@@ -33,65 +44,38 @@ def file_digest(path: str) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def pretrained_id(config: ClipConfig) -> str:
-    """What identifies the weights: the open_clip tag, or the hash of a local checkpoint."""
-    path = Path(config.pretrained)
-    return file_digest(str(path.resolve())) if path.is_file() else config.pretrained
+def weights_id(weights: str | None) -> str | None:
+    """What identifies an encoder's weights: a local checkpoint's hash, else the name or tag as given."""
+    if weights is not None and Path(weights).is_file():
+        return file_digest(str(Path(weights).resolve()))
+    return weights
 
 
-def clip_attrs(config: ClipConfig) -> dict[str, Any]:
-    """The store attributes that say which CLIP produced the embeddings."""
-    return {
-        "encoder": "clip",
-        "model": config.model,
-        "pretrained": pretrained_id(config),
-        "normalized": config.normalize,
-    }
+class ImageEncoder(Protocol):
+    """A frozen image encoder: how to turn a file into pixels, and pixels into features."""
 
-
-@dataclass
-class ClipEncoder:
-    model: torch.nn.Module
     preprocess: Callable[[Image.Image], torch.Tensor]
-    normalize: bool
+    store_dtype: str  # how its features are stored
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed pixels -> (B, D) float32 embeddings."""
-        device = images.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            embeddings = self.model.encode_image(images).float()
-        if self.normalize:
-            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
-        return embeddings
+        """(B, 3, H, W) preprocessed pixels -> (B, ...) float32 features."""
 
 
-def load_clip(config: ClipConfig, device: torch.device) -> ClipEncoder:
-    """The CLIP image tower, frozen; fails in one line when its weights can't be had."""
-    import open_clip  # heavy: imported only by the stages that run CLIP
+def _family(name: str):
+    # Imported on demand: each encoder pulls in its own heavy library.
+    from pipeline import clip, cnn
 
-    if config.config is not None:
-        if not Path(config.config).is_file():
-            raise ViclipError(f"{config.config}: CLIP architecture file not found (clip.config)")
-        open_clip.add_model_config(config.config)
-    if config.model not in open_clip.list_models():
-        raise ViclipError(f"clip.model: unknown open_clip architecture {config.model!r}")
-    logging.disable(logging.ERROR)  # open_clip logs the failure itself; ours is the one line shown
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            config.model, pretrained=config.pretrained, device=device
-        )
-    except (RuntimeError, OSError) as error:
-        if Path(config.pretrained).is_file():
-            raise ViclipError(f"{config.pretrained}: not a checkpoint for {config.model} ({error})") from None
-        raise ViclipError(
-            f"could not fetch CLIP weights {config.model}/{config.pretrained} (no network?); "
-            "download them elsewhere and set clip.pretrained in params.yaml to the local checkpoint file"
-        ) from None
-    finally:
-        logging.disable(logging.NOTSET)
-    model.requires_grad_(False).eval()
-    return ClipEncoder(model, preprocess, config.normalize)
+    return {"clip": (clip.clip_attrs, clip.load_clip), "cnn": (cnn.cnn_attrs, cnn.load_cnn)}[name]
+
+
+def encoder_attrs(name: str, config: Any) -> dict[str, Any]:
+    """The feature-store attributes encoder `name` (clip or cnn) writes, given its params section."""
+    return _family(name)[0](config)
+
+
+def load_encoder(name: str, config: Any, device: torch.device) -> ImageEncoder:
+    """Encoder `name` (clip or cnn), built from its params section, frozen."""
+    return _family(name)[1](config, device)
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -132,14 +116,14 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
 
 
 def encode_files(
-    encoder: ClipEncoder,
+    encoder: ImageEncoder,
     paths: Sequence[Path],
     batch_size: int,
     num_workers: int,
     device: torch.device,
     description: str = "encode",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
-    """Yield (indices into `paths`, (B, D) embeddings, [(index, error) of bad files]) per batch."""
+    """Yield (indices into `paths`, (B, ...) features, [(index, error) of bad files]) per batch."""
     loader = DataLoader(
         ImageFiles(paths, encoder.preprocess),
         batch_size=batch_size,

@@ -1,11 +1,12 @@
 """The HDF5 feature store: one file per split, one row per image.
 
 Layout of `<split>.h5`:
-  embeddings  float32 [N, D]   image embeddings from the frozen encoder
-  image_ids   int64   [N]      the dataset's image ids, row for row
-  attributes  what produced the rows (format, encoder, model, pretrained,
-              normalized, embedding_dim, dtype, split) and which images were
-              skipped as unreadable (skipped_ids, skipped_images)
+  embeddings  [N, D] or [N, P, D]  features from the frozen encoder: one CLIP
+                                   embedding, or a CNN's grid of P positions
+  image_ids   int64 [N]            the dataset's image ids, row for row
+  attributes  what produced the rows (format, the encoder's own attributes,
+              embedding_dim, dtype, split) and which images were skipped as
+              unreadable (skipped_ids, skipped_images)
 
 A store is a contract: readers name the attributes they rely on and
 `open_store` refuses a file whose attributes differ.
@@ -28,12 +29,13 @@ from pipeline.io import atomic_path
 
 FORMAT = "viclip-features/1"
 JSON_ATTRS = ("skipped_ids", "skipped_images")  # lists, stored as JSON text
+CHUNK_BYTES = 1 << 20  # HDF5 reads whole chunks: about 1 MB each, whatever the row size
 
 
 @dataclass(frozen=True)
 class FeatureStore:
     path: Path
-    embeddings: np.ndarray  # (N, D) float32
+    embeddings: np.ndarray  # (N, D) or (N, P, D), float32 or float16
     image_ids: np.ndarray  # (N,) int64
     attrs: dict[str, Any]
 
@@ -46,17 +48,21 @@ class FeatureStore:
 class StoreWriter:
     """Streams rows into a store; see `write_store`."""
 
-    def __init__(self, file: h5py.File, attrs: Mapping[str, Any]):
+    def __init__(self, file: h5py.File, attrs: Mapping[str, Any], dtype: str):
         self._file = file
+        self._dtype = dtype
         self._rows = 0
         self.attrs = dict(attrs)  # written when the store is complete; may be added to until then
 
     def append(self, image_ids: np.ndarray, embeddings: np.ndarray) -> None:
+        """Add rows: (B,) ids and their (B, ...) features."""
         if "embeddings" not in self._file:
-            # The width is read from the encoder's output, never assumed.
+            # The row shape is read from the encoder's output, never assumed.
+            row = embeddings.shape[1:]
+            rows_per_chunk = max(1, CHUNK_BYTES // (int(np.prod(row)) * np.dtype(self._dtype).itemsize))
             self._file.create_dataset(
-                "embeddings", shape=(0, embeddings.shape[1]), maxshape=(None, embeddings.shape[1]),
-                dtype="float32", chunks=True,
+                "embeddings", shape=(0, *row), maxshape=(None, *row), dtype=self._dtype,
+                chunks=(rows_per_chunk, *row),
             )
             self._file.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype="int64", chunks=True)
         start, self._rows = self._rows, self._rows + len(image_ids)
@@ -66,16 +72,16 @@ class StoreWriter:
 
 
 @contextmanager
-def write_store(path: str | Path, attrs: Mapping[str, Any]) -> Iterator[StoreWriter]:
+def write_store(path: str | Path, attrs: Mapping[str, Any], dtype: str = "float32") -> Iterator[StoreWriter]:
     """Write a store atomically: it appears at `path` only if the block completes."""
     with atomic_path(path) as partial, h5py.File(partial, "w") as file:
-        writer = StoreWriter(file, attrs)
+        writer = StoreWriter(file, attrs, dtype)
         yield writer
         if "embeddings" not in file:
             raise ViclipError(f"{path}: no image could be encoded, nothing to store")
         file.attrs["format"] = FORMAT
-        file.attrs["embedding_dim"] = file["embeddings"].shape[1]
-        file.attrs["dtype"] = "float32"
+        file.attrs["embedding_dim"] = file["embeddings"].shape[-1]
+        file.attrs["dtype"] = dtype
         for key, value in writer.attrs.items():
             file.attrs[key] = json.dumps(value, ensure_ascii=False) if key in JSON_ATTRS else value
 

@@ -1,4 +1,4 @@
-"""Captioning new image files with a trained model: CLIP, mapper and LM in one pass, many images at once."""
+"""Captioning new image files with a trained model: its encoder, then the model, many images at once."""
 
 from __future__ import annotations
 
@@ -7,32 +7,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import paths
-from pipeline.captioner import load_captioner
 from pipeline.config import Config
-from pipeline.decoding import caption_embeddings
-from pipeline.encoders import best_device, clip_attrs, encode_files, load_clip
+from pipeline.decoding import caption_features
+from pipeline.encoders import best_device, encode_files, encoder_attrs, load_encoder
 from pipeline.errors import ViclipError
+from pipeline.models import family, load_model
 
 
-def caption_files(config: Config, images: list[Path], model_dir: Path | None = None) -> list[tuple[Path, str]]:
+def caption_files(config: Config, images: list[Path], model_dir: Path) -> list[tuple[Path, str]]:
     """(path, caption) per image, in the order given; decoding settings from the score section."""
-    model_dir = model_dir or paths.model_dir(config)
     device = best_device()
-    captioner, spec = load_captioner(model_dir, device)
-    # The model names the CLIP it was trained on; refuse other weights under the same name.
-    encoder = load_clip(spec.clip, device)
-    recorded = {key: spec.encoder.get(key) for key in clip_attrs(spec.clip)}
-    if clip_attrs(spec.clip) != recorded:
-        raise ViclipError(f"{spec.clip.pretrained}: not the CLIP checkpoint {model_dir} was trained on")
+    model, spec = load_model(model_dir, device)
+    # The model names the encoder it was trained on; refuse other weights under the same name.
+    name = family(spec.name).encoder
+    section = spec.sections[name]
+    encoder = load_encoder(name, section, device)
+    attrs = encoder_attrs(name, section)
+    for key, value in attrs.items():
+        if spec.encoder.get(key) != value:
+            raise ViclipError(
+                f"{model_dir}: trained on {name} {key}={spec.encoder.get(key)!r}, but {value!r} is what loads now"
+            )
 
-    embeddings = np.zeros((len(images), spec.encoder["embedding_dim"]), dtype=np.float32)
+    features: np.ndarray | None = None
     bad: list[tuple[int, str]] = []
     for rows, batch, errors in encode_files(encoder, images, config.score.batch_size, 0, device, "encode"):
         if len(rows):
-            embeddings[rows] = batch
+            if features is None:
+                features = np.zeros((len(images), *batch.shape[1:]), dtype=np.float32)
+            features[rows] = batch
         bad += errors
     if bad:
         raise ViclipError(f"{len(bad)} bad image(s): " + "; ".join(f"{images[i]} ({e})" for i, e in sorted(bad)))
-    captions = caption_embeddings(captioner, torch.from_numpy(embeddings).to(device), config.score)
+    captions = caption_features(model, torch.from_numpy(features).to(device), config.score)
     return list(zip(images, captions))

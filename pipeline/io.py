@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ViclipError
+
 
 def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
@@ -51,3 +53,14 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def read_json(path: str | Path, hint: str = "") -> Any:
+    """Parse a JSON file, failing in one line; `hint` says how a missing one is made."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ViclipError(f"{path}: no such file" + (f" ({hint})" if hint else "")) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ViclipError(f"{path}: not valid JSON ({error})") from None

@@ -36,6 +36,7 @@ class TransformerMapper(nn.Module):
         num_layers: int, num_heads: int,
     ):
         super().__init__()
+        self.prefix_length = prefix_length
         self.clip_length = clip_length
         self.project = nn.Linear(embedding_dim, clip_length * lm_width)
         self.prefix_const = nn.Parameter(torch.randn(prefix_length, lm_width))

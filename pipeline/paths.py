@@ -1,4 +1,4 @@
-"""Where each stage writes, derived from the `out` folders declared in params.yaml."""
+"""The models and encoders by name, and where each stage writes: derived from the `out` folders in params.yaml."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from pathlib import Path
 
 from pipeline.config import Config
 
-MODEL = "viclipcap"
-ENCODER = "clip"
+MODELS = ("viclipcap", "cnn_lstm")  # ViCLIPCap, and the CNN+LSTM baseline
+ENCODERS = ("clip", "cnn")  # their feature stores, in the same order
+MODEL, ENCODER = MODELS[0], ENCODERS[0]
 
 
 def store_dir(config: Config, encoder: str = ENCODER) -> Path:
@@ -32,3 +33,11 @@ def metrics_path(config: Config, model: str = MODEL) -> Path:
 
 def captions_path(config: Config, model: str = MODEL) -> Path:
     return Path(config.score.out) / f"{model}.captions.json"
+
+
+def report_path(config: Config) -> Path:
+    return Path(config.compare.out) / "comparison.md"
+
+
+def chart_path(config: Config) -> Path:
+    return Path(config.compare.out) / "comparison.png"

@@ -1,8 +1,8 @@
 """Tiny local stand-ins for the hub models, built in seconds on a CPU.
 
 They run the real loading paths (an open_clip architecture registered from
-JSON with a local checkpoint; a Hugging Face tokenizer and GPT-2 loaded with
-`from_pretrained(dir)`), so the demo and the tests exercise the code a real
+JSON with a local checkpoint; a torchvision CNN from a local checkpoint; a
+Hugging Face tokenizer and GPT-2 loaded with `from_pretrained(dir)`), so the demo and the tests exercise the code a real
 run uses, at toy size.
 """
 
@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+TINY_CNN = "resnet18"  # torchvision's smallest ResNet, randomly initialised: no ImageNet weights offline
 TINY_CLIP = "viclip-tiny-vit"
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
@@ -69,6 +70,19 @@ def make_tiny_clip(
     checkpoint = directory / f"{TINY_CLIP}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
     return config, checkpoint
+
+
+def make_tiny_cnn(directory: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised (seeded) torchvision CNN, saved as a local checkpoint file."""
+    import torchvision
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(TINY_CNN, weights=None)
+    checkpoint = directory / f"{TINY_CNN}.safetensors"
+    save_file(model.state_dict(), str(checkpoint))
+    return checkpoint
 
 
 def train_tokenizer(texts: list[str], convention: str = "gpt2news", vocab_size: int = 400) -> PreTrainedTokenizerFast:

@@ -1,20 +1,19 @@
-"""Caption batches kept on the device, and the epoch loops that train and validate the mapper."""
+"""Caption batches kept on the device, and the epoch loops that train and validate a model (either one)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.captioner import Captioner
 from pipeline.data import ImageRecord
 from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore
-from pipeline.lm import LanguageModel
+from pipeline.models import CaptionModel
 
 
 def seed_everything(seed: int) -> None:
@@ -27,15 +26,15 @@ def seed_everything(seed: int) -> None:
 class CaptionSet:
     """Every caption of a split, tokenised once, padded once, on the device."""
 
-    embeddings: torch.Tensor  # (N, D) one row per image
+    features: torch.Tensor  # (N, ...) one row of features per image
     image_rows: torch.Tensor  # (M,) the image row of each caption
     tokens: torch.Tensor  # (M, T) right-padded token ids, end-of-text included
     lengths: torch.Tensor  # (M,) real tokens per caption
 
     @classmethod
     def build(
-        cls, records: Sequence[ImageRecord], store: FeatureStore, lm: LanguageModel,
-        max_positions: int, device: torch.device,
+        cls, records: Sequence[ImageRecord], store: FeatureStore,
+        encode: Callable[[list[str]], list[list[int]]], max_tokens: int | None, device: torch.device,
     ) -> CaptionSet:
         stored = set(store.image_ids.tolist())
         skipped = set(store.attrs.get("skipped_ids", []))
@@ -47,17 +46,17 @@ class CaptionSet:
             )
         records = [r for r in records if r.image_id in stored]
         captions = [c for r in records for c in r.captions]
-        ids = lm.encode(captions)
+        ids = encode(captions)
         longest = max(len(t) for t in ids)
-        if longest > max_positions:
-            raise ViclipError(f"a caption of {longest} tokens does not fit the LM after the prefix ({max_positions})")
-        tokens = torch.full((len(ids), longest), lm.eos_token_id, dtype=torch.long)
+        if max_tokens is not None and longest > max_tokens:
+            raise ViclipError(f"a caption of {longest} tokens does not fit the LM after the prefix ({max_tokens})")
+        tokens = torch.zeros((len(ids), longest), dtype=torch.long)  # padding is masked, whatever its id
         for row, caption in enumerate(ids):
             tokens[row, : len(caption)] = torch.tensor(caption)
         image_rows = [row for row, r in enumerate(records) for _ in r.captions]
-        embeddings = store.rows([r.image_id for r in records])
+        features = store.rows([r.image_id for r in records])
         return cls(
-            torch.from_numpy(embeddings).to(device),
+            torch.from_numpy(features).to(device),
             torch.tensor(image_rows, device=device),
             tokens.to(device),
             torch.tensor([len(t) for t in ids], device=device),
@@ -69,7 +68,7 @@ class CaptionSet:
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(embeddings (B, D), tokens (B, T), mask (B, T)), each cut to its longest caption."""
+        """(features (B, ...), tokens (B, T), mask (B, T)), each cut to its longest caption."""
         order = torch.randperm(len(self), generator=generator) if generator else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
             rows = order[start : start + batch_size].to(self.tokens.device)
@@ -77,7 +76,7 @@ class CaptionSet:
             width = int(lengths.max())
             tokens = self.tokens[rows, :width]
             mask = torch.arange(width, device=tokens.device) < lengths.unsqueeze(1)
-            yield self.embeddings[self.image_rows[rows]], tokens, mask
+            yield self.features[self.image_rows[rows]], tokens, mask
 
 
 def _autocast(device: torch.device):
@@ -85,18 +84,21 @@ def _autocast(device: torch.device):
 
 
 def train_epoch(
-    captioner: Captioner, data: CaptionSet, batch_size: int, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator, description: str,
+    model: CaptionModel, data: CaptionSet, batch_size: int, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float | None, generator: torch.Generator,
+    description: str,
 ) -> float:
     """One pass over `data`; returns the caption-weighted mean training loss."""
-    captioner.mapper.train()
+    model.train()
     total, count = 0.0, 0
     steps = (len(data) + batch_size - 1) // batch_size
-    for embeddings, tokens, mask in tqdm(data.batches(batch_size, generator), total=steps, desc=description, disable=None):
-        with _autocast(embeddings.device):
-            loss = captioner.loss(embeddings, tokens, mask)
+    for features, tokens, mask in tqdm(data.batches(batch_size, generator), total=steps, desc=description, disable=None):
+        with _autocast(features.device):
+            loss = model.loss(features, tokens, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         scheduler.step()
         total += loss.item() * len(tokens)
@@ -105,12 +107,12 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(captioner: Captioner, data: CaptionSet, batch_size: int) -> float:
+def evaluate(model: CaptionModel, data: CaptionSet, batch_size: int) -> float:
     """Caption-weighted mean loss over `data`, no gradients."""
-    captioner.mapper.eval()
+    model.eval()
     total, count = 0.0, 0
-    for embeddings, tokens, mask in data.batches(batch_size):
-        with _autocast(embeddings.device):
-            total += captioner.loss(embeddings, tokens, mask).item() * len(tokens)
+    for features, tokens, mask in data.batches(batch_size):
+        with _autocast(features.device):
+            total += model.loss(features, tokens, mask).item() * len(tokens)
         count += len(tokens)
     return total / count

@@ -1,23 +1,22 @@
-"""Stage 3: decode the test split with the trained model and score it under the stated protocol."""
+"""Stage 3: decode the test split with a trained model (either one) and score it under the stated protocol."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from pipeline import paths
-from pipeline.captioner import load_captioner
 from pipeline.config import Config
 from pipeline.data import load_splits
-from pipeline.decoding import caption_embeddings
+from pipeline.decoding import caption_features
 from pipeline.encoders import best_device
 from pipeline.errors import ViclipError
 from pipeline.features import open_store
-from pipeline.io import write_json
+from pipeline.io import read_json, write_json
 from pipeline.metrics import PROTOCOL, score_captions
+from pipeline.models import family, load_model
 
 
 def test_references(config: Config) -> dict[int, list[str]]:
@@ -27,12 +26,7 @@ def test_references(config: Config) -> dict[int, list[str]]:
 def read_results(path: str | Path) -> dict[int, str]:
     """A COCO results file: a JSON list of {"image_id", "caption"}."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ViclipError(f"{path}: no such captions file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ViclipError(f"{path}: not valid JSON ({error})") from None
+    raw = read_json(path)
     if not isinstance(raw, list):
         raise ViclipError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}}")
     results: dict[int, str] = {}
@@ -57,16 +51,16 @@ def score_file(config: Config, captions_file: str | Path) -> dict:
     return report(scores, notes, Path(captions_file).name, len(references))
 
 
-def run(config: Config, model_dir: str | Path | None = None) -> tuple[dict, str]:
+def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
+    """Decode the test split with a trained model and score it; `model_dir` overrides where it is read from."""
     started = time.perf_counter()
-    model_dir = Path(model_dir or paths.model_dir(config))
+    model_dir = Path(model_dir or paths.model_dir(config, model_name))
     references = test_references(config)
     device = best_device()
-    captioner, spec = load_captioner(model_dir, device)
-    store = open_store(paths.store_path(config, "test"), spec.encoder)
+    model, spec = load_model(model_dir, device)
+    store = open_store(paths.store_path(config, "test", family(spec.name).encoder), spec.encoder)
 
-    embeddings = torch.from_numpy(store.embeddings).to(device)
-    captions = caption_embeddings(captioner, embeddings, config.score)
+    captions = caption_features(model, torch.from_numpy(store.embeddings).to(device), config.score)
     results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, captions)]
     predictions = {r["image_id"]: r["caption"] for r in results}
     skipped = set(store.attrs.get("skipped_ids", []))
@@ -77,6 +71,6 @@ def run(config: Config, model_dir: str | Path | None = None) -> tuple[dict, str]
     write_json(paths.captions_path(config, spec.name), results)
     write_json(paths.metrics_path(config, spec.name), metrics)
     return metrics, (
-        f"score: {len(results)} test images, CIDEr {scores['cider']:.4f}, BLEU-4 {scores['bleu_4']:.4f} "
+        f"score {spec.name}: {len(results)} test images, CIDEr {scores['cider']:.4f}, BLEU-4 {scores['bleu_4']:.4f} "
         f"-> {paths.metrics_path(config, spec.name)} ({time.perf_counter() - started:.1f} s)"
     )

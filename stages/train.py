@@ -1,4 +1,9 @@
-"""Stage 2: train the mapping network on stored embeddings, the LM frozen; keep the best epoch."""
+"""Stage 2: train a model on the stored image features, its backbones frozen; keep the best epoch.
+
+Either model, one loop: AdamW on the trainable parameters, linear warm-up then
+decay, validation loss after every epoch, the best epoch's weights kept, and
+early stopping after `patience` epochs without improvement.
+"""
 
 from __future__ import annotations
 
@@ -8,73 +13,73 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from pipeline import paths
-from pipeline.captioner import CONFIG, WEIGHTS, Captioner, ModelSpec, save_mapper, trainable_parameters
 from pipeline.config import Config, dump_config
 from pipeline.data import load_splits
-from pipeline.encoders import best_device, clip_attrs
+from pipeline.encoders import best_device, encoder_attrs, hardware
 from pipeline.features import open_store
 from pipeline.io import atomic_path, write_json, write_text
-from pipeline.lm import load_lm
-from pipeline.mapper import build_mapper
+from pipeline.models import CONFIG, family, spec_for, trainable_parameters
 from pipeline.training import CaptionSet, evaluate, seed_everything, train_epoch
 
 
-def run(config: Config) -> str:
+def run(config: Config, model_name: str = paths.MODEL) -> str:
     started = time.perf_counter()
-    settings = config.train
-    seed_everything(settings.seed)
+    recipe = family(model_name)
+    settings = getattr(config.train, model_name)
+    seed_everything(config.train.seed)
     device = best_device()
     records = load_splits(config.data)
-    expected = clip_attrs(config.clip)
-    stores = {split: open_store(paths.store_path(config, split), expected) for split in ("train", "val")}
-    embedding_dim = stores["train"].attrs["embedding_dim"]
+    expected = encoder_attrs(recipe.encoder, getattr(config, recipe.encoder))
+    stores = {
+        split: open_store(paths.store_path(config, split, recipe.encoder), expected) for split in ("train", "val")
+    }
+    encoder = {**expected, "embedding_dim": stores["train"].attrs["embedding_dim"]}
 
-    lm = load_lm(config.lm.name, device)
-    room = lm.model.config.max_position_embeddings - config.mapper.prefix_length
-    data = {split: CaptionSet.build(records[split], stores[split], lm, room, device) for split in stores}
-    mapper = build_mapper(config.mapper, embedding_dim, lm.width).to(device)
-    captioner = Captioner(mapper, lm)
-
-    optimizer = torch.optim.AdamW(mapper.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    model = recipe.build(config, records["train"], encoder, device)
+    data = {
+        split: CaptionSet.build(records[split], stores[split], model.encode, model.max_tokens, device)
+        for split in stores
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * -(-len(data["train"]) // settings.batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, steps)
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(config.train.seed)
 
     log = ["epoch,train_loss,val_loss,lr,seconds"]
     best_loss, best_epoch = float("inf"), 0
-    with atomic_path(paths.model_dir(config)) as model_dir:
+    with atomic_path(paths.model_dir(config, model_name)) as model_dir:
         model_dir.mkdir()
         for epoch in range(1, settings.epochs + 1):
             epoch_start = time.perf_counter()
             train_loss = train_epoch(
-                captioner, data["train"], settings.batch_size, optimizer, scheduler, generator,
-                f"epoch {epoch}/{settings.epochs}",
+                model, data["train"], settings.batch_size, optimizer, scheduler, settings.grad_clip, generator,
+                f"{model_name} epoch {epoch}/{settings.epochs}",
             )
-            val_loss = evaluate(captioner, data["val"], settings.batch_size)
+            val_loss = evaluate(model, data["val"], settings.batch_size)
             log.append(
                 f"{epoch},{train_loss:.6f},{val_loss:.6f},{scheduler.get_last_lr()[0]:.3g},"
                 f"{time.perf_counter() - epoch_start:.2f}"
             )
-            write_text(paths.train_log(config), "\n".join(log) + "\n")
+            write_text(paths.train_log(config, model_name), "\n".join(log) + "\n")
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
-                save_mapper(mapper, model_dir / WEIGHTS)
-        encoder = {**expected, "embedding_dim": embedding_dim}
-        spec = ModelSpec(
-            paths.MODEL, config.lm.name, config.clip, encoder, config.mapper,
-            {
-                "trainable_parameters": trainable_parameters(mapper),
-                "best_epoch": best_epoch,
-                "val_loss": round(best_loss, 6),
-                "train_seconds": round(time.perf_counter() - started, 1),
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            },
-        )
+                model.save(model_dir)
+            elif epoch - best_epoch >= settings.patience:
+                break
+        spec = spec_for(model_name, config, encoder, {
+            "trainable_parameters": trainable_parameters(model),
+            "epochs": epoch,
+            "best_epoch": best_epoch,
+            "val_loss": round(best_loss, 6),
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "device": hardware(device),
+        })
         write_json(model_dir / CONFIG, spec.to_json())
         write_text(model_dir / "params.yaml", dump_config(config))
 
+    stopped = f", stopped early at epoch {epoch}" if epoch < settings.epochs else ""
     return (
-        f"train: {len(data['train'])} captions x {settings.epochs} epochs, "
-        f"{trainable_parameters(mapper):,} trainable parameters, best val loss {best_loss:.4f} "
-        f"(epoch {best_epoch}) -> {paths.model_dir(config)} ({time.perf_counter() - started:.1f} s)"
+        f"train {model_name}: {len(data['train'])} captions, {trainable_parameters(model):,} trainable parameters, "
+        f"best val loss {best_loss:.4f} (epoch {best_epoch}{stopped}) -> {paths.model_dir(config, model_name)} "
+        f"({time.perf_counter() - started:.1f} s)"
     )

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, dump_config, load_config
+from pipeline.synthetic import make_dataset
 
 VICLIP = [sys.executable, "-m", "pipeline.cli"]
 
@@ -49,3 +50,18 @@ def config(demo) -> Config:
     """The demo's config, with the working directory at the demo project."""
     with chdir(demo):
         yield load_config("params.yaml")
+
+
+@pytest.fixture
+def project(demo, tmp_path, monkeypatch) -> Path:
+    """A small project (12 train, 4 test images) using the demo's tiny models, in the working directory."""
+    params = load_config(demo / "params.yaml").model_dump()
+    for section, key in (("clip", "pretrained"), ("clip", "config"), ("cnn", "weights"), ("lm", "name")):
+        params[section][key] = str(demo / params[section][key])
+    params["data"]["root"] = "ktvic"
+    for model in ("viclipcap", "cnn_lstm"):
+        params["train"][model]["epochs"] = 1
+    make_dataset(tmp_path / "ktvic", 12, 4)
+    (tmp_path / "params.yaml").write_text(dump_config(params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import dump_config, load_config
-from pipeline.synthetic import make_dataset
 
 
 def invoke(*args: str):
@@ -30,20 +29,6 @@ def assert_clear_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
     return lines[-1]
-
-
-@pytest.fixture
-def project(demo, tmp_path, monkeypatch) -> Path:
-    """A small project using the demo's tiny models, in the working directory."""
-    params = load_config(demo / "params.yaml").model_dump()
-    for section, key in (("clip", "pretrained"), ("clip", "config"), ("lm", "name")):
-        params[section][key] = str(demo / params[section][key])
-    params["data"]["root"] = "ktvic"
-    params["train"]["epochs"] = 1
-    make_dataset(tmp_path / "ktvic", 12, 4)
-    (tmp_path / "params.yaml").write_text(dump_config(params))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def edit_params(project: Path, section: str, key: str, value) -> None:
@@ -74,12 +59,30 @@ def test_stages_run_from_the_cli_and_score_a_results_file(project):
     assert rescored["cider"] == decoded["cider"] and rescored["bleu_4"] == decoded["bleu_4"]
 
 
+def test_the_baseline_branch_and_the_comparison_run_from_the_cli(project):
+    for args in (("extract", "--encoder", "cnn"), ("train", "--model", "cnn_lstm"), ("score", "--model", "cnn_lstm"),
+                 ("extract",), ("train",), ("score",)):
+        result = invoke(*args)
+        assert result.exit_code == 0, (args, result.output)
+    result = invoke("compare")
+    assert result.exit_code == 0, result.output
+    report = (project / "artifacts/report/comparison.md").read_text()
+    assert "| Metric | CNN+LSTM | ViCLIPCap |" in report and (project / "artifacts/report/comparison.png").is_file()
+
+
+@pytest.mark.parametrize("args", [("train", "--model", "lstm"), ("extract", "--encoder", "vgg"), ("score", "--model", "x")])
+def test_unknown_model_or_encoder_names_the_choices(project, args):
+    result = invoke(*args)
+    assert result.exit_code == 2 and "must be one of" in result.output and "Traceback" not in result.output
+
+
 def test_extract_one_split(project):
     assert invoke("extract", "--split", "val").exit_code == 0
     assert sorted(p.name for p in (project / "artifacts/features/clip").glob("*.h5")) == ["val.h5"]
 
 
-def test_caption_real_photos_in_any_colour_mode(demo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["viclipcap", "cnn_lstm"])
+def test_caption_real_photos_in_any_colour_mode(demo, tmp_path, monkeypatch, model):
     chelsea = Image.fromarray(photos.chelsea())
     files = {
         "astronaut.jpg": Image.fromarray(photos.astronaut()),
@@ -91,19 +94,21 @@ def test_caption_real_photos_in_any_colour_mode(demo, tmp_path, monkeypatch):
         image.save(tmp_path / name)
     monkeypatch.chdir(demo)
     paths = [str(tmp_path / name) for name in files]
-    result = invoke("caption", *paths)
+    result = invoke("caption", "--model", model, *paths)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == paths
     assert all(line.split("\t")[1].strip() for line in lines)
-    as_json = json.loads(invoke("caption", "--json", *paths).stdout)
+    as_json = json.loads(invoke("caption", "--model", model, "--json", *paths).stdout)
     assert [(r["image"], r["caption"]) for r in as_json] == [tuple(line.split("\t")) for line in lines]
 
 
 @pytest.mark.parametrize("change, fragments", [
     (lambda p: p.__setitem__("data", {**p["data"], "root": "nowhere"}), ["nowhere", "data root not found"]),
-    (lambda p: p["train"].__setitem__("lr", "fast"), ["train.lr"]),
-    (lambda p: p["train"].__setitem__("epochs", 2.5), ["train.epochs"]),
+    (lambda p: p["train"]["viclipcap"].__setitem__("lr", "fast"), ["train.viclipcap.lr"]),
+    (lambda p: p["train"]["cnn_lstm"].__setitem__("epochs", 2.5), ["train.cnn_lstm.epochs"]),
+    (lambda p: p["train"].pop("cnn_lstm"), ["missing key 'train.cnn_lstm'"]),
+    (lambda p: p["lstm"].__setitem__("dropout", 1.5), ["lstm.dropout"]),
     (lambda p: p["mapper"].__setitem__("depth", 3), ["unknown key 'mapper.depth'"]),
     (lambda p: p["score"].pop("beam_size"), ["missing key 'score.beam_size'"]),
     (lambda p: p["mapper"].__setitem__("type", "lstm"), ["mapper.type"]),
@@ -207,3 +212,28 @@ def test_unreachable_hub_weights_name_what_to_set(project):
     assert_clear_error(result, "ViT-B-32-quickgelu/openai", "clip.pretrained")
     assert len(result.output.strip().splitlines()) == 1
     assert not (project / "artifacts").exists()
+
+
+@pytest.mark.parametrize("key, value, fragments", [
+    ("weights", "IMAGENET1K_V1", ["resnet18/IMAGENET1K_V1", "no network", "cnn.weights"]),
+    ("weights", "NOPE", ["cnn.weights", "'NOPE'", "IMAGENET1K_V1"]),
+    ("model", "resnet9000", ["cnn.model", "resnet9000"]),
+    ("model", "vit_b_16", ["cnn.model", "no convolutional trunk"]),
+    ("model", "resnet34", ["resnet18.safetensors", "not weights for resnet34"]),
+])
+def test_bad_cnn_settings(project, key, value, fragments):
+    edit_params(project, "cnn", key, value)
+    result = invoke("extract", "--encoder", "cnn")
+    assert_clear_error(result, *fragments)
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (project / "artifacts").exists()
+
+
+def test_baseline_store_and_model_dir_are_checked(project):
+    assert invoke("extract", "--encoder", "cnn").exit_code == 0
+    edit_params(project, "cnn", "grid", 2)
+    assert_clear_error(invoke("train", "--model", "cnn_lstm"), "cnn/train.h5", "grid=3", "re-run `viclip extract`")
+    edit_params(project, "cnn", "grid", 3)
+    assert invoke("train", "--model", "cnn_lstm").exit_code == 0
+    (project / "artifacts/models/cnn_lstm/vocab.json").unlink()
+    assert_clear_error(invoke("score", "--model", "cnn_lstm"), "vocab.json", "vocabulary missing")

@@ -1,16 +1,21 @@
-"""Frozen means frozen; the cached batched beam search equals a plain one; training is deterministic."""
+"""Frozen means frozen; the cached batched beam search equals a plain one for both models; training is deterministic."""
 
 from __future__ import annotations
 
 from contextlib import chdir
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.captioner import Captioner, load_captioner
+from pipeline import paths
+from pipeline.features import open_store
+
+from pipeline.captioner import Captioner
 from pipeline.decoding import beam_search
 from pipeline.lm import load_lm
 from pipeline.mapper import build_mapper
+from pipeline.models import load_model
 from pipeline.training import CaptionSet
 
 CPU = torch.device("cpu")
@@ -18,7 +23,7 @@ CPU = torch.device("cpu")
 
 def test_only_the_mapper_gets_gradients_and_is_saved(demo, config):
     with chdir(demo):
-        captioner, spec = load_captioner("artifacts/models/viclipcap", CPU)
+        captioner, spec = load_model("artifacts/models/viclipcap", CPU)
     lm = captioner.lm.model
     assert not lm.training and not any(p.requires_grad for p in lm.parameters())
     assert [n for n, _ in captioner.named_parameters()] == [f"mapper.{n}" for n, _ in captioner.mapper.named_parameters()]
@@ -47,10 +52,8 @@ def test_padding_and_prefix_never_reach_the_loss(demo, config):
     assert torch.allclose(alone, captioner.loss(torch.ones(1, 64), padded, mask.unsqueeze(0)), atol=1e-6)
 
 
-def plain_beam_search(captioner, embedding, beam_size, max_length, length_penalty):
-    """One image, no cache: the whole sequence is re-run at every step (the reference's way)."""
-    lm, eos = captioner.lm.model, captioner.lm.eos_token_id
-    prefix = captioner.prefix(embedding.unsqueeze(0))
+def plain_beam_search(next_logp, eos, beam_size, max_length, length_penalty):
+    """One image, no cache: next_logp(tokens) re-runs the whole sequence at every step (the reference's way)."""
     beams = [([], 0.0, False)]  # (tokens, sum log-prob, finished)
     for _ in range(max_length):
         candidates = []
@@ -58,9 +61,7 @@ def plain_beam_search(captioner, embedding, beam_size, max_length, length_penalt
             if done:
                 candidates.append((tokens + [eos], score, True, len(tokens[: tokens.index(eos) + 1])))
                 continue
-            words = lm.get_input_embeddings()(torch.tensor([tokens], dtype=torch.long))
-            logp = lm(inputs_embeds=torch.cat([prefix, words], 1)).logits[0, -1].float().log_softmax(-1)
-            for token, value in enumerate(logp.tolist()):
+            for token, value in enumerate(next_logp(tokens).tolist()):
                 candidates.append((tokens + [token], score + value, token == eos, len(tokens) + 1))
         candidates.sort(key=lambda c: c[1] / c[3] ** length_penalty, reverse=True)
         beams = [(t, s, d) for t, s, d, _ in candidates[:beam_size]]
@@ -74,15 +75,43 @@ def plain_beam_search(captioner, embedding, beam_size, max_length, length_penalt
     return best[: best.index(eos)] if eos in best else best
 
 
+def lm_next_logp(captioner, embedding):
+    lm, prefix = captioner.lm.model, captioner.prefix(embedding.unsqueeze(0))
+
+    def next_logp(tokens):
+        words = lm.get_input_embeddings()(torch.tensor([tokens], dtype=torch.long))
+        return lm(inputs_embeds=torch.cat([prefix, words], 1)).logits[0, -1].float().log_softmax(-1)
+
+    return next_logp
+
+
+def lstm_next_logp(decoder, features):
+    from pipeline.cnn_lstm import START
+
+    features = features.unsqueeze(0).float()
+
+    def next_logp(tokens):
+        keys, h, c = decoder._begin(features)
+        for token in [START, *tokens]:
+            logits, h, c, _ = decoder._step(torch.tensor([token]), features, keys, h, c)
+        return logits[0].float().log_softmax(-1)
+
+    return next_logp
+
+
 @torch.inference_mode()
-def test_batched_cached_beam_search_equals_plain_beam_search(demo, config):
+@pytest.mark.parametrize("model", ["viclipcap", "cnn_lstm"])
+def test_batched_cached_beam_search_equals_plain_beam_search(demo, config, model):
     with chdir(demo):
-        captioner, spec = load_captioner("artifacts/models/viclipcap", CPU)
-    torch.manual_seed(1)
-    embeddings = torch.nn.functional.normalize(torch.randn(6, spec.encoder["embedding_dim"]), dim=-1)
+        captioner, spec = load_model(f"artifacts/models/{model}", CPU)
+        features = torch.from_numpy(open_store(paths.store_path(config, "test", spec.encoder["encoder"]), {}).embeddings[:6])
+    next_logp = lm_next_logp if model == "viclipcap" else lstm_next_logp
     for beam_size, penalty in ((3, 1.0), (2, 0.0)):
-        batched = beam_search(captioner, embeddings, beam_size, 12, penalty)
-        plain = [plain_beam_search(captioner, e, beam_size, 12, penalty) for e in embeddings]
+        batched = beam_search(captioner, features, beam_size, 12, penalty)
+        plain = [
+            plain_beam_search(next_logp(captioner, f), captioner.eos_token_id, beam_size, 12, penalty)
+            for f in features
+        ]
         assert batched == plain
 
 
@@ -91,7 +120,8 @@ def test_training_is_deterministic_for_a_seed(demo, config, tmp_path):
     from stages import train
 
     raw = config.model_dump()
-    raw["train"].update(epochs=1, out=str(tmp_path / "a"))
+    raw["train"]["viclipcap"]["epochs"] = 1
+    raw["train"]["out"] = str(tmp_path / "a")
     first = parse_config(raw)
     raw["train"]["out"] = str(tmp_path / "b")
     second = parse_config(raw)
@@ -105,13 +135,12 @@ def test_training_is_deterministic_for_a_seed(demo, config, tmp_path):
 
 def test_caption_sets_cut_batches_to_the_longest_caption(demo, config):
     from pipeline.data import load_splits
-    from pipeline.features import open_store
 
     with chdir(demo):
         lm = load_lm(config.lm.name, CPU)
         records = load_splits(config.data)["val"]
         store = open_store("artifacts/features/clip/val.h5", {})
-    data = CaptionSet.build(records, store, lm, 60, CPU)
+    data = CaptionSet.build(records, store, lm.encode, 60, CPU)
     assert len(data) == 5 * len(records)
     for embeddings, tokens, mask in data.batches(7):
         assert mask[:, -1].any() and mask.sum(1).tolist() == [int(m.sum()) for m in mask]

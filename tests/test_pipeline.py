@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.config import dump_config, load_config
 from pipeline.demo import dvc
 
+STAGES = ("extract_clip", "extract_cnn", "train_viclipcap", "train_cnn_lstm", "score_viclipcap", "score_cnn_lstm",
+          "compare")
 
-def test_demo_runs_all_stages_and_beats_the_blind_baseline(demo):
+
+def test_demo_runs_both_branches_and_both_models_beat_the_blind_baseline(demo):
     out = (demo / "demo.out").read_text()
-    for stage in ("extract", "train", "score"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in out
-    metrics = json.loads((demo / "artifacts/metrics/viclipcap.json").read_text())
-    assert set(metrics) >= {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice"}
-    assert metrics["split"] == "test" and metrics["images"] == 80
-    assert metrics["spice"] is not None or "CoreNLP" in metrics["notes"]["spice"]
+    for model in ("viclipcap", "cnn_lstm"):
+        metrics = json.loads((demo / f"artifacts/metrics/{model}.json").read_text())
+        assert set(metrics) >= {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice"}
+        assert metrics["split"] == "test" and metrics["images"] == 80
+        assert metrics["spice"] is not None or "CoreNLP" in metrics["notes"]["spice"]
 
-    blind_row = [line for line in out.splitlines() if line.startswith("cider")][-1]  # the demo's final table
-    model_cider, blind_cider = (float(x) for x in blind_row.split()[1:])
-    assert model_cider == round(metrics["cider"], 4)
-    # The trained model must see the image: far above one caption for every image.
-    assert model_cider > blind_cider + 1.0, (model_cider, blind_cider)
+    header, *rows = [line.split() for line in out.split("metric ")[-1].splitlines()[:9]]  # the demo's final table
+    assert header == ["cnn_lstm", "viclipcap", "blind"]
+    cider = dict(zip(header, (float(x) for x in next(r for r in rows if r[0] == "cider")[1:])))
+    # Each trained model must see the image: far above one caption for every image.
+    assert cider["viclipcap"] > cider["blind"] + 1.0, cider
+    assert cider["cnn_lstm"] > cider["blind"] + 1.0, cider
 
 
 def test_second_repro_does_nothing(demo_copy):
@@ -30,31 +37,40 @@ def test_second_repro_does_nothing(demo_copy):
     assert "up to date" in out
 
 
-def test_training_param_change_reruns_only_train_and_score(demo_copy):
+@pytest.mark.parametrize("model, other", [("viclipcap", "cnn_lstm"), ("cnn_lstm", "viclipcap")])
+def test_one_models_training_params_rerun_only_its_branch(demo_copy, model, other):
     params = load_config(demo_copy / "params.yaml").model_dump()
-    params["train"]["epochs"] = 2
+    params["train"][model]["epochs"] = 2
     (demo_copy / "params.yaml").write_text(dump_config(params))
     out = dvc(demo_copy, "repro")
-    assert "Running stage 'extract'" not in out
-    assert "Running stage 'train'" in out and "Running stage 'score'" in out
-    log = (demo_copy / "artifacts/models/viclipcap.csv").read_text().splitlines()
-    assert log[0] == "epoch,train_loss,val_loss,lr,seconds" and len(log) == 3
+    assert "Running stage 'extract" not in out
+    assert f"Running stage 'train_{other}'" not in out and f"Running stage 'score_{other}'" not in out
+    for stage in (f"train_{model}", f"score_{model}", "compare"):
+        assert f"Running stage '{stage}'" in out
+    log = (demo_copy / f"artifacts/models/{model}.csv").read_text().splitlines()
+    assert log[0] == "epoch,train_loss,val_loss,lr,seconds" and len(log) <= 3
 
 
 def test_outputs_record_what_produced_them(demo):
     model_config = json.loads((demo / "artifacts/models/viclipcap/config.json").read_text())
-    assert model_config["lm"] == "models/lm"
+    assert model_config["lm"] == {"name": "models/lm"}
     assert model_config["encoder"]["model"] == "viclip-tiny-vit"
     assert model_config["encoder"]["pretrained"].startswith("sha256:")
     assert model_config["mapper"]["type"] == "transformer"
-    for folder in ("artifacts/features/clip", "artifacts/models/viclipcap"):
+    baseline = json.loads((demo / "artifacts/models/cnn_lstm/config.json").read_text())
+    assert baseline["encoder"]["encoder"] == "cnn" and baseline["encoder"]["weights"].startswith("sha256:")
+    assert baseline["lstm"] == load_config(demo / "params.yaml").lstm.model_dump()
+    for folder in ("artifacts/features/clip", "artifacts/features/cnn", "artifacts/models/viclipcap",
+                   "artifacts/models/cnn_lstm"):
         assert load_config(demo / folder / "params.yaml") == load_config(demo / "params.yaml")
-    captions = json.loads((demo / "artifacts/metrics/viclipcap.captions.json").read_text())
-    assert len(captions) == 80 and all(set(c) == {"image_id", "caption"} for c in captions)
+    for model in ("viclipcap", "cnn_lstm"):
+        captions = json.loads((demo / f"artifacts/metrics/{model}.captions.json").read_text())
+        assert len(captions) == 80 and all(set(c) == {"image_id", "caption"} for c in captions)
 
 
-def test_dvc_shows_the_metrics_and_the_loss_plot(demo_copy):
+def test_dvc_shows_both_metrics_files_the_loss_plots_and_the_chart(demo_copy):
     metrics = dvc(demo_copy, "metrics", "show")
-    assert "cider" in metrics and "bleu_4" in metrics
+    assert "viclipcap.json" in metrics and "cnn_lstm.json" in metrics and "cider" in metrics
     dvc(demo_copy, "plots", "show")
-    assert "val_loss" in (demo_copy / "dvc_plots/index.html").read_text()
+    page = (demo_copy / "dvc_plots/index.html").read_text()
+    assert "val_loss" in page and "comparison.png" in page

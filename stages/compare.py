@@ -1,0 +1,20 @@
+"""Stage 4: the two models side by side, as a Markdown table in the published layout and a bar chart."""
+
+from __future__ import annotations
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.io import read_json, write_text
+from pipeline.models import read_spec
+from pipeline.report import COLUMNS, bar_chart, comparison_markdown
+
+
+def run(config: Config) -> str:
+    names = [model for model, _ in COLUMNS]
+    metrics = {m: read_json(paths.metrics_path(config, m), f"run `viclip score --model {m}`") for m in names}
+    models = {m: read_spec(paths.model_dir(config, m)).to_json() for m in names}
+    chart = paths.chart_path(config)
+    bar_chart(metrics, chart)
+    write_text(paths.report_path(config), comparison_markdown(metrics, models, chart=chart.name))
+    cider = ", ".join(f"{m} {metrics[m]['cider']:.4f}" for m in names)
+    return f"compare: CIDEr {cider} -> {paths.report_path(config)}, {chart}"
