@@ -23,6 +23,16 @@ def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 matrices natively (and so faster than fp32): CUDA GPUs from
+    Ampere on, CPUs with AVX-512 BF16 or AMX. Elsewhere bf16 would be emulated, and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # torch exposes the CPU's capabilities only privately; without them, assume none.
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
+
+
 def hardware(device: torch.device) -> str:
     """What a run ran on, for the record: the GPU's name, or the CPU's model and thread count."""
     if device.type == "cuda":

@@ -122,6 +122,7 @@ def _model_row(model: str, config: Mapping[str, Any]) -> str:
         f"{_config_field(config, 'train_seconds', model):.1f}",
         str(_config_field(config, "best_epoch", model)),
         str(_config_field(config, "device", model)),
+        str(config.get("precision", "not recorded")),  # recorded since training went bf16 where native
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -131,8 +132,8 @@ def _models_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if missing:
         raise ViclipError(f"comparison: no model config for {', '.join(missing)}")
     return [
-        "| Model | Encoder | Trainable parameters | Training time (s) | Best epoch | Hardware |",
-        "|---|---|---|---|---|---|",
+        "| Model | Encoder | Trainable parameters | Training time (s) | Best epoch | Hardware | Precision |",
+        "|---|---|---|---|---|---|---|",
         *(_model_row(model, models[model]) for model, _ in COLUMNS),
     ]
 

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data import ImageRecord
+from pipeline.encoders import native_bf16
 from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore
 from pipeline.models import CaptionModel
@@ -79,8 +80,9 @@ class CaptionSet:
             yield self.features[self.image_rows[rows]], tokens, mask
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device):
+    # Mixed precision wherever bf16 is native: the matrix products run 2-3x faster than in fp32.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
 
 
 def train_epoch(
@@ -93,7 +95,7 @@ def train_epoch(
     total, count = 0.0, 0
     steps = (len(data) + batch_size - 1) // batch_size
     for features, tokens, mask in tqdm(data.batches(batch_size, generator), total=steps, desc=description, disable=None):
-        with _autocast(features.device):
+        with autocast(features.device):
             loss = model.loss(features, tokens, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,7 +114,7 @@ def evaluate(model: CaptionModel, data: CaptionSet, batch_size: int) -> float:
     model.eval()
     total, count = 0.0, 0
     for features, tokens, mask in data.batches(batch_size):
-        with _autocast(features.device):
+        with autocast(features.device):
             total += model.loss(features, tokens, mask).item() * len(tokens)
         count += len(tokens)
     return total / count

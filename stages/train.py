@@ -15,7 +15,7 @@ from transformers import get_linear_schedule_with_warmup
 from pipeline import paths
 from pipeline.config import Config, dump_config
 from pipeline.data import load_splits
-from pipeline.encoders import best_device, encoder_attrs, hardware
+from pipeline.encoders import best_device, encoder_attrs, hardware, native_bf16
 from pipeline.features import open_store
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.models import CONFIG, family, spec_for, trainable_parameters
@@ -73,6 +73,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
             "val_loss": round(best_loss, 6),
             "train_seconds": round(time.perf_counter() - started, 1),
             "device": hardware(device),
+            "precision": "bf16 autocast" if native_bf16(device) else "fp32",
         })
         write_json(model_dir / CONFIG, spec.to_json())
         write_text(model_dir / "params.yaml", dump_config(config))
