@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test lock clean
+.PHONY: demo test bench lock clean
 
 $(BIN)/viclip: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(BIN)/viclip
 
 test: $(BIN)/viclip
 	$(BIN)/python -m pytest
+
+# Every stage against the reference implementation, at full model size (BENCHMARKS.md).
+bench: $(BIN)/viclip
+	$(BIN)/python -m benchmarks
 
 # Re-pin every dependency after changing pyproject.toml.
 lock:

@@ -1,0 +1,141 @@
+"""`python -m benchmarks`: every stage, viclip against the reference, at full model size; prints a
+table and writes the results as JSON. Each case runs in a fresh process (see suite.py)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from benchmarks.suite import SCALING
+from pipeline.encoders import best_device, hardware
+from pipeline.io import write_json
+
+STAGES = ("extract", "train", "decode", "score", "scaling")
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (FLOP/s), by device name.
+BF16_PEAKS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def run_case(*args: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.case", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        raise SystemExit(f"benchmark case {' '.join(args)} failed")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def row(stage: str, measure: str, unit: str, viclip: float, reference: float | None = None, **extra) -> dict:
+    """One figure; `ratio` is how many times faster viclip is (rates only: memory is a trade-off)."""
+    ratio = viclip / reference if reference and unit.endswith("/s") else None
+    return {"stage": stage, "measure": measure, "unit": unit, "viclip": viclip, "reference": reference,
+            "ratio": ratio, **extra}
+
+
+def pair(stage: str) -> tuple[dict, dict]:
+    return run_case(stage, "viclip"), run_case(stage, "reference")
+
+
+def extract() -> list[dict]:
+    ours, theirs = pair("extract")
+    return [row("extract", "images/s from JPEG files", "img/s",
+                ours["images"] / ours["seconds"], theirs["images"] / theirs["seconds"]),
+            row("extract", "peak memory (process)", "MB", ours["peak_mb"], theirs["peak_mb"])]
+
+
+def train(device: torch.device) -> list[dict]:
+    ours, theirs = pair("train")
+    rows = [
+        row("train", "captions/s", "captions/s", ours["captions"] / ours["seconds"],
+            theirs["captions"] / theirs["seconds"]),
+        row("train", "tokens/s", "tokens/s", ours["tokens"] / ours["seconds"], theirs["tokens"] / theirs["seconds"]),
+        row("train", "peak memory", "MB", ours["peak_mb"], theirs["peak_mb"]),
+    ]
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((p for key, p in BF16_PEAKS if key in name), float("nan"))
+        rows += [
+            row("train", "fraction of the GPU's bf16 matrix rate", "fraction",
+                ours["matrix_flops"] / ours["seconds"] / peak),
+            row("train", "KTVIC run: 18,845 captions x 10 epochs", "s",
+                10 * 18_845 / (ours["captions"] / ours["seconds"])),
+        ]
+    return rows
+
+
+def decode() -> list[dict]:
+    ours, theirs = pair("decode")
+    return [row("decode", "captions/s, beam 5, full length", "captions/s",
+                ours["captions"] / ours["seconds"], theirs["captions"] / theirs["seconds"]),
+            row("decode", "peak memory", "MB", ours["peak_mb"], theirs["peak_mb"])]
+
+
+def score() -> list[dict]:
+    timed = run_case("score", "viclip")
+    return [row("score", f"{timed['images']} images x 5 references, METEOR included", "s", timed["seconds"])]
+
+
+def scaling() -> list[dict]:
+    rows = []
+    for images in SCALING:
+        step = run_case("scaling_train", "viclip", str(images))
+        batch = run_case("scaling_decode", "viclip", str(images))
+        per_step = step["seconds"] / step["steps"]
+        rows += [
+            row("scaling", f"{images:,} images: train step", "s", per_step, peak_mb=step["peak_mb"],
+                store_mb=step["store_mb"]),
+            row("scaling", f"{images:,} images: decode batch of {batch['batch']}", "s", batch["seconds"],
+                peak_mb=batch["peak_mb"]),
+        ]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES), help="Run only these.")
+    parser.add_argument("--out", default="benchmarks/results.json", help="Where to write the results (JSON).")
+    args = parser.parse_args()
+
+    device = best_device()
+    runs = {"extract": extract, "train": lambda: train(device), "decode": decode, "score": score,
+            "scaling": scaling}
+    started = time.perf_counter()
+    rows = []
+    for stage in args.only:
+        print(f"benchmark: {stage} ...", file=sys.stderr, flush=True)
+        rows += runs[stage]()
+    machine = {
+        "date": datetime.date.today().isoformat(),
+        "device": hardware(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(args.out, {"machine": machine, "rows": rows})
+    print(table(rows))
+    print(f"\n{machine['device']}, torch {machine['torch']}, {machine['date']}, {machine['seconds']} s -> {args.out}")
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'stage':<8} {'measure':<52} {'viclip':>10} {'reference':>10} {'ratio':>7} {'peak MB':>8}"]
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.1f}x"
+        lines.append(f"{r['stage']:<8} {r['measure'] + ' (' + r['unit'] + ')':<52} {_number(r['viclip']):>10} "
+                     f"{_number(r['reference']):>10} {ratio:>7} {_number(r.get('peak_mb')):>8}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Each benchmark case: one stage, done by viclip or by the reference (reference.py), at full model size.
+
+A case runs in a process of its own (`python -m benchmarks.case STAGE IMPL`), so
+its peak memory is its own: the allocator has cached nothing from another
+case. `setup` builds the models and data and warms up; only `work` is timed.
+Sizes depend on the device: a CPU gets a few batches, a GPU a KTVIC-sized run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import reference, workload
+from pipeline.decoding import beam_search
+from pipeline.encoders import encode_files
+from pipeline.features import FeatureStore
+from pipeline.metrics import score_captions
+from pipeline.training import CaptionSet, autocast, train_epoch
+
+# (viclip, reference) workload sizes, in images, per device type.
+SIZES = {
+    "cpu": {"extract": (64, 8), "train": (40, 24), "decode": (16, 2)},
+    "cuda": {"extract": (4096, 64), "train": (3769, 64), "decode": (558, 8)},
+}
+SCALING = (1_000, 10_000, 100_000)  # stored images
+BEAM = 5
+MAX_LENGTH = workload.TOKENS[1]  # random weights never stop early: every caption runs to full length
+
+Case = tuple[Callable[[], Any], dict[str, float]]  # the timed work, and what it processes
+
+
+def _batch_size() -> int:
+    return workload.params().train.viclipcap.batch_size
+
+
+def extract(device: torch.device, impl: str) -> Case:
+    count = SIZES[device.type]["extract"][impl == "reference"]
+    encoder = workload.clip_encoder(device)
+    folder = tempfile.mkdtemp()
+    files = workload.write_images(Path(folder), count)
+    list(encode_files(encoder, files[:4], 4, 0, device))  # warm-up: kernels, allocator
+    if impl == "viclip":
+        workers = min(16, torch.get_num_threads() if device.type == "cpu" else 16)
+        return (lambda: list(encode_files(encoder, files, 64, workers, device))), {"images": count}
+    return (lambda: reference.extract(encoder, files, workload.CAPTIONS_PER_IMAGE, device)), {"images": count}
+
+
+def caption_set(captions: workload.Captions, captioner, device: torch.device) -> CaptionSet:
+    store = FeatureStore(Path("synthetic"), captions.embeddings, np.arange(len(captions.records)), {})
+    return CaptionSet.build(captions.records, store, captions.encode, captioner.max_tokens, device)
+
+
+def _viclip_epoch(captioner, data: CaptionSet) -> None:
+    optimizer = torch.optim.AdamW(captioner.parameters(), lr=2e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_epoch(captioner, data, _batch_size(), optimizer, scheduler, None, torch.Generator().manual_seed(0), "train")
+
+
+def _reference_epoch(captioner, captions: workload.Captions, device: torch.device) -> None:
+    """Every caption padded with 0 to the dataset's longest; the LM's weights get gradients."""
+    texts = [(r.image_id, t) for r in captions.records for t in r.captions]
+    tokens = torch.zeros(len(texts), workload.TOKENS[1], dtype=torch.long)
+    for n, (_, text) in enumerate(texts):
+        ids = captions.tokens[text]
+        tokens[n, : len(ids)] = torch.tensor(ids)
+    embeddings = torch.from_numpy(captions.embeddings[[i for i, _ in texts]])
+    optimizer = torch.optim.AdamW(captioner.mapper.parameters(), lr=2e-5)
+    captioner.train()
+    for start in range(0, len(texts), _batch_size()):
+        batch = slice(start, start + _batch_size())
+        reference.train_step(captioner, embeddings[batch].to(device), tokens[batch].to(device), optimizer)
+
+
+def train(device: torch.device, impl: str) -> Case:
+    images = SIZES[device.type]["train"][impl == "reference"]
+    captioner = workload.captioner(device)
+    captions = workload.captions(images)
+    counts = {"captions": images * workload.CAPTIONS_PER_IMAGE,
+              "tokens": sum(len(t) for t in captions.tokens.values())}
+    warm_up = workload.captions(8, seed=1)  # one batch
+    if impl == "viclip":
+        data = caption_set(captions, captioner, device)
+        _viclip_epoch(captioner, caption_set(warm_up, captioner, device))
+        return (lambda: _viclip_epoch(captioner, data)), {**counts, "matrix_flops": _matrix_flops(captioner, data)}
+    captioner.lm.model.requires_grad_(True)  # as the reference leaves its "frozen" GPT-2
+    _reference_epoch(captioner, warm_up, device)
+    return (lambda: _reference_epoch(captioner, captions, device)), counts
+
+
+def _matrix_flops(captioner, data: CaptionSet) -> float:
+    """Matrix FLOPs of an epoch (batches cut to their longest caption are counted unpadded): the LM's
+    forward (blocks on every position, the head on caption positions only) and its backward to the
+    activations, about as much again, since the frozen weights get no gradient. The mapper is negligible."""
+    lm = captioner.lm.model
+    blocks = sum(p.numel() for p in lm.transformer.h.parameters())
+    head = lm.get_output_embeddings().weight.numel()
+    tokens = float(data.lengths.sum())
+    positions = tokens + len(data) * captioner.mapper.prefix_length
+    return 2 * 2 * (blocks * positions + head * tokens)
+
+
+def decode(device: torch.device, impl: str) -> Case:
+    images = SIZES[device.type]["decode"][impl == "reference"]
+    captioner = workload.captioner(device)
+    embeddings = torch.from_numpy(workload.captions(images).embeddings).to(device)
+    if impl == "viclip":
+        batch_size = workload.params().score.batch_size
+        beam_search(captioner, embeddings[:2], BEAM, MAX_LENGTH, 1.0)  # warm-up
+        work = lambda: [beam_search(captioner, b, BEAM, MAX_LENGTH, 1.0) for b in embeddings.split(batch_size)]  # noqa: E731
+        return work, {"captions": images}
+    reference.beam_search(captioner, embeddings[0], BEAM, 4)  # warm-up
+    return (lambda: [reference.beam_search(captioner, e, BEAM, MAX_LENGTH) for e in embeddings]), {"captions": images}
+
+
+def score(device: torch.device, impl: str) -> Case:
+    """The score stage's scorer on a KTVIC-sized test split of syllable text."""
+    rng = np.random.default_rng(0)
+    syllables = [f"s{n}" for n in range(3000)]
+
+    def sentence() -> str:
+        return " ".join(rng.choice(syllables, size=int(rng.integers(15, 26))))
+
+    references = {i: [sentence() for _ in range(workload.CAPTIONS_PER_IMAGE)] for i in range(workload.TEST_IMAGES)}
+    predictions = {i: sentence() for i in references}
+    return (lambda: score_captions(references, predictions)), {"images": workload.TEST_IMAGES}
+
+
+def scaling_train(device: torch.device, impl: str, images: int, steps: int = 2) -> Case:
+    """A few training steps drawn from a store of `images` images, kept on the device."""
+    captioner = workload.captioner(device)
+    data = caption_set(workload.captions(images), captioner, device)
+    optimizer = torch.optim.AdamW(captioner.parameters(), lr=2e-5)
+
+    def some_steps() -> None:
+        captioner.train()
+        batches = data.batches(_batch_size(), torch.Generator().manual_seed(0))
+        for _, (features, tokens, mask) in zip(range(steps), batches):
+            with autocast(device):
+                loss = captioner.loss(features, tokens, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    some_steps()  # warm-up
+    return some_steps, {"steps": steps, "captions": len(data), "store_mb": _megabytes(data)}
+
+
+def scaling_decode(device: torch.device, impl: str, images: int) -> Case:
+    """One decode batch drawn from a store of `images` embeddings on the device."""
+    captioner = workload.captioner(device)
+    embeddings = torch.from_numpy(workload.captions(images).embeddings).to(device)
+    batch = embeddings[: min(workload.params().score.batch_size, SIZES[device.type]["decode"][0])]
+    beam_search(captioner, batch[:2], BEAM, MAX_LENGTH, 1.0)  # warm-up
+    return (lambda: beam_search(captioner, batch, BEAM, MAX_LENGTH, 1.0)), {"batch": len(batch), "images": images}
+
+
+def _megabytes(data: CaptionSet) -> float:
+    tensors = (data.features, data.image_rows, data.tokens, data.lengths)
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+CASES: dict[str, Callable[..., Case]] = {
+    "extract": extract, "train": train, "decode": decode, "score": score,
+    "scaling_train": scaling_train, "scaling_decode": scaling_decode,
+}

@@ -1,0 +1,69 @@
+"""The benchmark suite's references do the same computation as viclip (only slower), and its command runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from contextlib import chdir
+from pathlib import Path
+
+import torch
+
+from benchmarks import reference
+from pipeline import paths
+from pipeline.decoding import beam_search
+from pipeline.clip import load_clip
+from pipeline.data import load_splits
+from pipeline.encoders import encode_files
+from pipeline.features import open_store
+from pipeline.models import load_model
+
+CPU = torch.device("cpu")
+
+
+def test_reference_extraction_gives_viclips_embeddings_once_per_caption(demo, config):
+    with chdir(demo):
+        encoder = load_clip(config.clip, CPU)
+        files = [r.path.resolve() for r in load_splits(config.data)["test"][:3]]
+    ours = torch.from_numpy(next(encode_files(encoder, files, 8, 0, CPU))[1])
+    theirs = reference.extract(encoder, files, 5, CPU)
+    assert theirs.shape == (15, ours.shape[1])
+    assert torch.allclose(torch.nn.functional.normalize(theirs[::5], dim=-1), ours, atol=1e-5)
+
+
+def test_reference_training_step_computes_viclips_loss(demo, config):
+    with chdir(demo):
+        captioner, spec = load_model("artifacts/models/viclipcap", CPU)
+        captions = [c for r in load_splits(config.data)["val"][:4] for c in r.captions]
+    ids = captioner.encode(captions)
+    tokens = torch.zeros(len(ids), max(map(len, ids)) + 3, dtype=torch.long)  # padded past the longest
+    for row, caption in enumerate(ids):
+        tokens[row, : len(caption)] = torch.tensor(caption)
+    embeddings = torch.nn.functional.normalize(torch.randn(len(ids), spec.encoder["embedding_dim"]), dim=-1)
+    ours = captioner.loss(embeddings, tokens, tokens > 0).item()
+    optimizer = torch.optim.SGD(captioner.parameters(), lr=0.0)
+    assert abs(reference.train_step(captioner, embeddings, tokens, optimizer) - ours) < 1e-4
+
+
+@torch.inference_mode()
+def test_reference_beam_search_finds_viclips_captions(demo, config):
+    with chdir(demo):
+        captioner, spec = load_model("artifacts/models/viclipcap", CPU)
+        features = torch.from_numpy(open_store(paths.store_path(config, "test"), {}).embeddings[:4])
+    ours = beam_search(captioner, features, 3, 12, 1.0)
+    for tokens, embedding in zip(ours, features):
+        theirs = reference.beam_search(captioner, embedding, 3, 12)
+        eos = captioner.eos_token_id
+        assert (theirs[: theirs.index(eos)] if eos in theirs else theirs) == tokens
+
+
+def test_the_benchmark_command_writes_its_results(tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "score", "--out", str(out)],
+                            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert written["machine"]["command"] == f"python -m benchmarks --only score --out {out}"
+    [row] = written["rows"]
+    assert row["stage"] == "score" and row["viclip"] > 0 and "score" in result.stdout
