@@ -68,6 +68,8 @@ class CaptionModel(nn.Module):
 
 @dataclass(frozen=True)
 class Family:
+    """One model's recipe: what it reads, what defines it, how to build it fresh and load it trained."""
+
     encoder: str  # the feature store it reads: clip or cnn
     sections: tuple[str, ...]  # the params sections that define it, recorded in config.json
     build: Callable[[Config, Sequence[ImageRecord], dict[str, Any], torch.device], CaptionModel]
