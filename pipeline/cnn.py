@@ -99,8 +99,10 @@ def build_trunk(config: CnnConfig) -> nn.Module:
 
     if config.model not in torchvision.models.list_models(module=torchvision.models):
         raise ViclipError(f"cnn.model: unknown torchvision classification model {config.model!r}")
-    torch.manual_seed(0)  # random weights (cnn.weights null) are still reproducible
-    model = torchvision.models.get_model(config.model, weights=None)
+    # Random weights (cnn.weights null) are still reproducible, without reseeding the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(config.model, weights=None)
     trunk = _trunk(model, config.model)  # checked before any weights are fetched
     if config.weights is not None:
         try:

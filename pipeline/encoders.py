@@ -23,6 +23,7 @@ def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@cache  # asked at every training step: the hardware does not change
 def native_bf16(device: torch.device) -> bool:
     """Whether the device multiplies bf16 matrices natively (and so faster than fp32): CUDA GPUs from
     Ampere on, CPUs with AVX-512 BF16 or AMX. Elsewhere bf16 would be emulated, and slower."""

@@ -2,8 +2,8 @@
 
 They run the real loading paths (an open_clip architecture registered from
 JSON with a local checkpoint; a torchvision CNN from a local checkpoint; a
-Hugging Face tokenizer and GPT-2 loaded with `from_pretrained(dir)`), so the demo and the tests exercise the code a real
-run uses, at toy size.
+Hugging Face tokenizer and GPT-2 loaded with `from_pretrained(dir)`), so the
+demo and the tests exercise the code a real run uses, at toy size.
 """
 
 from __future__ import annotations
