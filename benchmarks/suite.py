@@ -8,6 +8,8 @@ Sizes depend on the device: a CPU gets a few batches, a GPU a KTVIC-sized run.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +45,7 @@ def extract(device: torch.device, impl: str) -> Case:
     count = SIZES[device.type]["extract"][impl == "reference"]
     encoder = workload.clip_encoder(device)
     folder = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the images live as long as the case's process
     files = workload.write_images(Path(folder), count)
     list(encode_files(encoder, files[:4], 4, 0, device))  # warm-up: kernels, allocator
     if impl == "viclip":
@@ -62,17 +65,22 @@ def _viclip_epoch(captioner, data: CaptionSet) -> None:
     train_epoch(captioner, data, _batch_size(), optimizer, scheduler, None, torch.Generator().manual_seed(0), "train")
 
 
-def _reference_epoch(captioner, captions: workload.Captions, device: torch.device) -> None:
-    """Every caption padded with 0 to the dataset's longest; the LM's weights get gradients."""
+def _padded(captions: workload.Captions) -> tuple[torch.Tensor, torch.Tensor]:
+    """One embedding row per caption and its tokens padded with 0 to the dataset's longest, made once
+    before training, as the reference's tokenised-caption cache is (and as viclip's CaptionSet is)."""
     texts = [(r.image_id, t) for r in captions.records for t in r.captions]
     tokens = torch.zeros(len(texts), workload.TOKENS[1], dtype=torch.long)
     for n, (_, text) in enumerate(texts):
         ids = captions.tokens[text]
         tokens[n, : len(ids)] = torch.tensor(ids)
-    embeddings = torch.from_numpy(captions.embeddings[[i for i, _ in texts]])
+    return torch.from_numpy(captions.embeddings[[i for i, _ in texts]]), tokens
+
+
+def _reference_epoch(captioner, embeddings: torch.Tensor, tokens: torch.Tensor, device: torch.device) -> None:
+    """One pass in fixed-length batches; the LM's weights get gradients (the caller unfreezes them)."""
     optimizer = torch.optim.AdamW(captioner.mapper.parameters(), lr=2e-5)
     captioner.train()
-    for start in range(0, len(texts), _batch_size()):
+    for start in range(0, len(tokens), _batch_size()):
         batch = slice(start, start + _batch_size())
         reference.train_step(captioner, embeddings[batch].to(device), tokens[batch].to(device), optimizer)
 
@@ -89,8 +97,9 @@ def train(device: torch.device, impl: str) -> Case:
         _viclip_epoch(captioner, caption_set(warm_up, captioner, device))
         return (lambda: _viclip_epoch(captioner, data)), {**counts, "matrix_flops": _matrix_flops(captioner, data)}
     captioner.lm.model.requires_grad_(True)  # as the reference leaves its "frozen" GPT-2
-    _reference_epoch(captioner, warm_up, device)
-    return (lambda: _reference_epoch(captioner, captions, device)), counts
+    _reference_epoch(captioner, *_padded(warm_up), device)
+    embeddings, tokens = _padded(captions)
+    return (lambda: _reference_epoch(captioner, embeddings, tokens, device)), counts
 
 
 def _matrix_flops(captioner, data: CaptionSet) -> float:
