@@ -14,7 +14,7 @@ import time
 import torch
 
 from benchmarks.suite import SCALING
-from pipeline.encoders import best_device, hardware
+from pipeline.devices import best_device, hardware
 from pipeline.io import write_json
 
 STAGES = ("extract", "train", "decode", "score", "scaling")

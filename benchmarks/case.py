@@ -7,7 +7,7 @@ import sys
 
 from benchmarks.measure import measure
 from benchmarks.suite import CASES
-from pipeline.encoders import best_device
+from pipeline.devices import best_device
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.captioner import Captioner
-from pipeline.clip import ClipEncoder
+from pipeline.models.viclipcap import Captioner
+from pipeline.encoders.clip import ClipEncoder
 
 
 @torch.no_grad()

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.captioner import Captioner
-from pipeline.clip import ClipEncoder
+from pipeline.models.viclipcap import Captioner
+from pipeline.encoders.clip import ClipEncoder
 from pipeline.config import load_config
 from pipeline.data import ImageRecord
-from pipeline.lm import LanguageModel
-from pipeline.mapper import build_mapper
+from pipeline.models.viclipcap.lm import LanguageModel
+from pipeline.models.viclipcap.mapper import build_mapper
 
 CAPTIONS_PER_IMAGE = 5
 TEST_IMAGES = 558  # KTVIC's test split

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ScoreConfig
-from pipeline.models import CaptionModel
+from pipeline.models.base import CaptionModel
 
 
 @torch.inference_mode()

@@ -9,7 +9,8 @@ import torch
 
 from pipeline.config import Config
 from pipeline.decoding import caption_features
-from pipeline.encoders import best_device, encode_files, encoder_attrs, load_encoder
+from pipeline.devices import best_device
+from pipeline.encoders import encode_files, encoder_attrs, load_encoder
 from pipeline.errors import ViclipError
 from pipeline.models import family, load_model
 

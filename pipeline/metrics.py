@@ -12,12 +12,12 @@ import contextlib
 import io
 import os
 import shutil
-import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ViclipError
+from pipeline.text import tokenize
 
 METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
 
@@ -25,13 +25,6 @@ PROTOCOL = {
     "tokenisation": "NFC, lowercase, punctuation stripped, whitespace-split syllables (no PTB tokenizer)",
     "scorers": "pycocoevalcap 1.2: BLEU-1..4, METEOR 1.5, ROUGE-L, CIDEr-D, SPICE 1.0",
 }
-
-
-def tokenize(text: str) -> str:
-    """The protocol's tokenisation: syllables joined by single spaces."""
-    text = unicodedata.normalize("NFC", text).lower()
-    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
-    return " ".join(text.split())
 
 
 def _quiet(scorer: Any, gts: dict, res: dict) -> Any:

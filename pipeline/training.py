@@ -11,10 +11,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data import ImageRecord
-from pipeline.encoders import native_bf16
+from pipeline.devices import native_bf16
 from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore
-from pipeline.models import CaptionModel
+from pipeline.models.base import CaptionModel
 
 
 def seed_everything(seed: int) -> None:

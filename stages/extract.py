@@ -12,7 +12,8 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import Config, dump_config
 from pipeline.data import SPLITS, load_splits
-from pipeline.encoders import best_device, encode_files, encoder_attrs, load_encoder
+from pipeline.devices import best_device
+from pipeline.encoders import encode_files, encoder_attrs, load_encoder
 from pipeline.errors import ViclipError
 from pipeline.features import write_store
 from pipeline.io import write_text

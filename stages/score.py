@@ -11,7 +11,7 @@ from pipeline import paths
 from pipeline.config import Config
 from pipeline.data import load_splits
 from pipeline.decoding import caption_features
-from pipeline.encoders import best_device
+from pipeline.devices import best_device
 from pipeline.errors import ViclipError
 from pipeline.features import open_store
 from pipeline.io import read_json, write_json

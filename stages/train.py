@@ -15,10 +15,12 @@ from transformers import get_linear_schedule_with_warmup
 from pipeline import paths
 from pipeline.config import Config, dump_config
 from pipeline.data import load_splits
-from pipeline.encoders import best_device, encoder_attrs, hardware, native_bf16
+from pipeline.devices import best_device, hardware, native_bf16
+from pipeline.encoders import encoder_attrs
 from pipeline.features import open_store
 from pipeline.io import atomic_path, write_json, write_text
-from pipeline.models import CONFIG, family, spec_for, trainable_parameters
+from pipeline.models import CONFIG, family, spec_for
+from pipeline.models.base import trainable_parameters
 from pipeline.training import CaptionSet, evaluate, seed_everything, train_epoch
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, dump_config, load_config
-from pipeline.synthetic import make_dataset
+from pipeline.demo.synthetic import make_dataset
 
 VICLIP = [sys.executable, "-m", "pipeline.cli"]
 

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 from pipeline import metrics, paths
 from pipeline.cli import app
-from pipeline.cnn import load_cnn
-from pipeline.cnn_lstm import END, SPECIALS, UNK, Vocabulary
+from pipeline.encoders.cnn import load_cnn
+from pipeline.models.cnn_lstm import END, SPECIALS, UNK, Vocabulary
 from pipeline.config import load_config
 from pipeline.data import load_splits
 from pipeline.errors import ViclipError
-from pipeline.metrics import tokenize
+from pipeline.text import tokenize
 from pipeline.report import COLUMNS, read_markdown_table
 from stages import score
 

@@ -13,7 +13,7 @@ import torch
 from benchmarks import reference
 from pipeline import paths
 from pipeline.decoding import beam_search
-from pipeline.clip import load_clip
+from pipeline.encoders.clip import load_clip
 from pipeline.data import load_splits
 from pipeline.encoders import encode_files
 from pipeline.features import open_store

@@ -10,9 +10,9 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data import load_splits
-from pipeline.lm import load_lm
-from pipeline.synthetic import make_dataset
-from pipeline.tiny import make_tiny_lm
+from pipeline.models.viclipcap.lm import load_lm
+from pipeline.demo.synthetic import make_dataset
+from pipeline.demo.tiny import make_tiny_lm
 
 
 @pytest.mark.parametrize("layout", ["original", "repackaged"])

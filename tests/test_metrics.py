@@ -11,7 +11,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
 from pipeline.errors import ViclipError
-from pipeline.metrics import score_captions, tokenize
+from pipeline.metrics import score_captions
+from pipeline.text import tokenize
 
 REFERENCES = {
     1: ["Một con mèo đang nằm trên ghế.", "con mèo nằm ngủ trên chiếc ghế", "một chú mèo trên ghế sofa",

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from pipeline import paths
 from pipeline.features import open_store
 
-from pipeline.captioner import Captioner
+from pipeline.models.viclipcap import Captioner
 from pipeline.decoding import beam_search
-from pipeline.lm import load_lm
-from pipeline.mapper import build_mapper
+from pipeline.models.viclipcap.lm import load_lm
+from pipeline.models.viclipcap.mapper import build_mapper
 from pipeline.models import load_model
 from pipeline.training import CaptionSet
 
@@ -86,7 +86,7 @@ def lm_next_logp(captioner, embedding):
 
 
 def lstm_next_logp(decoder, features):
-    from pipeline.cnn_lstm import START
+    from pipeline.models.cnn_lstm import START
 
     features = features.unsqueeze(0).float()
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ClipConfig
-from pipeline.encoders import weights_id
+from pipeline.encoders.base import register, weights_id
 from pipeline.errors import ViclipError
 
 
@@ -70,3 +70,6 @@ def load_clip(config: ClipConfig, device: torch.device) -> ClipEncoder:
         logging.disable(logging.NOTSET)
     model.requires_grad_(False).eval()
     return ClipEncoder(model, preprocess, config.normalize)
+
+
+register("clip", clip_attrs, load_clip)

@@ -3,8 +3,10 @@
   viclipcap  frozen CLIP embedding -> trained mapping network -> frozen GPT-2
   cnn_lstm   frozen CNN feature grid -> trained LSTM with soft attention (the baseline)
 
-Both present one interface to training, decoding and scoring (`CaptionModel`),
-so `viclip train|score --model NAME` run the same stage code for either.
+Both present one interface to training, decoding and scoring (`CaptionModel`, in
+`base`), so `viclip train|score --model NAME` run the same stage code for either.
+Each model module registers its `Family` in `base.REGISTRY` when imported; this
+package imports them all. The models import `base`, never this package.
 
 A model directory holds only what was trained:
   *.safetensors  the trained weights (the mapper, or the whole LSTM decoder)
@@ -18,97 +20,27 @@ A model directory holds only what was trained:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from pipeline.config import Config
-from pipeline.data import ImageRecord
 from pipeline.errors import ViclipError
+from pipeline.models import cnn_lstm, viclipcap  # noqa: F401  (each registers itself)
+from pipeline.models.base import REGISTRY, CaptionModel, Family
 from pipeline.paths import MODELS
 
 FORMAT = "viclip-model/1"
 CONFIG = "config.json"
 
-Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class CaptionModel(nn.Module):
-    """What training, decoding and scoring need from a model. Its parameters() are what is trained."""
-
-    eos_token_id: int
-    max_tokens: int | None  # the longest caption (end-of-text included) it can learn; None: no limit
-
-    def encode(self, captions: list[str]) -> list[list[int]]:
-        """Token ids of each caption, closed by end-of-text."""
-        raise NotImplementedError
-
-    def decode(self, tokens: list[int]) -> str:
-        raise NotImplementedError
-
-    def loss(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Training loss of right-padded (B, T) tokens given (B, ...) image features; mask marks real tokens."""
-        raise NotImplementedError
-
-    def start_decoding(self, features: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
-        """(N, V) logits of each image's first token, and step(rows, tokens) -> (N * beams, V) logits of
-        the next: row r continues the beam in row rows[r] of the previous step with token tokens[r]."""
-        raise NotImplementedError
-
-    def save(self, directory: Path) -> None:
-        """Write the trained weights, and whatever else rebuilds the model, into `directory`."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Family:
-    """One model's recipe: what it reads, what defines it, how to build it fresh and load it trained."""
-
-    encoder: str  # the feature store it reads: clip or cnn
-    sections: tuple[str, ...]  # the params sections that define it, recorded in config.json
-    build: Callable[[Config, Sequence[ImageRecord], dict[str, Any], torch.device], CaptionModel]
-    load: Callable[[Path, dict[str, BaseModel], dict[str, Any], torch.device], CaptionModel]
-
-
-def trainable_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def save_weights(module: nn.Module, path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
-
-
-def load_weights(module: nn.Module, path: Path) -> None:
-    """Load `path` into `module`, refusing weights of another shape in one line."""
-    if not path.is_file():
-        raise ViclipError(f"{path}: weights missing")
-    try:
-        module.load_state_dict(load_file(str(path)))
-    except RuntimeError as error:
-        raise ViclipError(
-            f"{path}: weights do not fit the model in config.json ({str(error).splitlines()[-1].strip()})"
-        ) from None
-
-
-def _families() -> dict[str, Family]:
-    from pipeline import captioner, cnn_lstm
-
-    return {
-        "viclipcap": Family("clip", ("clip", "lm", "mapper"), captioner.build, captioner.load),
-        "cnn_lstm": Family("cnn", ("cnn", "lstm"), cnn_lstm.build, cnn_lstm.load),
-    }
-
 
 def family(name: str) -> Family:
     if name not in MODELS:
         raise ViclipError(f"unknown model {name!r}; one of {', '.join(MODELS)}")
-    return _families()[name]
+    return REGISTRY[name]
 
 
 @dataclass(frozen=True)

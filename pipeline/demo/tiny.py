@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from pipeline.encoders import open_rgb
+
 TINY_CNN = "resnet18"  # torchvision's smallest ResNet, randomly initialised: no ImageNet weights offline
 TINY_CLIP = "viclip-tiny-vit"
 TINY_CLIP_CONFIG = {
@@ -45,8 +47,6 @@ def make_tiny_clip(
     """
     import open_clip
     from open_clip.loss import ClipLoss
-
-    from pipeline.encoders import open_rgb
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

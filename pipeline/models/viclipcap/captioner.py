@@ -16,9 +16,9 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.data import ImageRecord
-from pipeline.lm import LanguageModel, load_lm
-from pipeline.mapper import build_mapper
-from pipeline.models import CaptionModel, Step, load_weights, save_weights
+from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
+from pipeline.models.viclipcap.lm import LanguageModel, load_lm
+from pipeline.models.viclipcap.mapper import build_mapper
 
 WEIGHTS = "mapper.safetensors"
 
@@ -90,3 +90,6 @@ def load(model_dir: Path, sections: dict[str, BaseModel], encoder: dict[str, Any
     mapper = build_mapper(sections["mapper"], encoder["embedding_dim"], lm.width)
     load_weights(mapper, model_dir / WEIGHTS)
     return Captioner(mapper.to(device).eval(), lm)
+
+
+register("viclipcap", Family("clip", ("clip", "lm", "mapper"), build, load))

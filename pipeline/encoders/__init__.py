@@ -1,15 +1,15 @@
 """Frozen image encoders (CLIP for ViCLIPCap, a CNN for the baseline), and batched encoding of image files
-with decoding in worker processes."""
+with decoding in worker processes.
+
+Each encoder module registers itself in `base.REGISTRY` when imported; this package imports them all, so
+a name here finds its encoder. The encoders import `base`, never this package.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import platform
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,76 +17,18 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-
-
-def best_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@cache  # asked at every training step: the hardware does not change
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 matrices natively (and so faster than fp32): CUDA GPUs from
-    Ampere on, CPUs with AVX-512 BF16 or AMX. Elsewhere bf16 would be emulated, and slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # torch exposes the CPU's capabilities only privately; without them, assume none.
-    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(probe() for probe in probes if probe is not None)
-
-
-def hardware(device: torch.device) -> str:
-    """What a run ran on, for the record: the GPU's name, or the CPU's model and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu} ({torch.get_num_threads()} threads)"
-
-
-@cache
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
-
-
-def weights_id(weights: str | None) -> str | None:
-    """What identifies an encoder's weights: a local checkpoint's hash, else the name or tag as given."""
-    if weights is not None and Path(weights).is_file():
-        return file_digest(str(Path(weights).resolve()))
-    return weights
-
-
-class ImageEncoder(Protocol):
-    """A frozen image encoder: how to turn a file into pixels, and pixels into features."""
-
-    preprocess: Callable[[Image.Image], torch.Tensor]
-    store_dtype: str  # how its features are stored
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed pixels -> (B, ...) float32 features."""
-
-
-def _family(name: str):
-    # Imported on demand: each encoder pulls in its own heavy library.
-    from pipeline import clip, cnn
-
-    return {"clip": (clip.clip_attrs, clip.load_clip), "cnn": (cnn.cnn_attrs, cnn.load_cnn)}[name]
+from pipeline.encoders import clip, cnn  # noqa: F401  (each registers itself)
+from pipeline.encoders.base import REGISTRY, ImageEncoder
 
 
 def encoder_attrs(name: str, config: Any) -> dict[str, Any]:
     """The feature-store attributes encoder `name` (clip or cnn) writes, given its params section."""
-    return _family(name)[0](config)
+    return REGISTRY[name].attrs(config)
 
 
 def load_encoder(name: str, config: Any, device: torch.device) -> ImageEncoder:
     """Encoder `name` (clip or cnn), built from its params section, frozen."""
-    return _family(name)[1](config, device)
+    return REGISTRY[name].load(config, device)
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -24,14 +24,15 @@ from typing import Any
 from pipeline import paths
 from pipeline.config import yaml_parser, dump_config, load_config, parse_config
 from pipeline.data import find_layout, load_splits, read_annotations
+from pipeline.demo.synthetic import caption_groups, make_dataset
+from pipeline.demo.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cnn, make_tiny_lm
 from pipeline.errors import ViclipError
 from pipeline.io import write_json, write_text
 from pipeline.metrics import format_table
 from pipeline.report import COLUMNS
-from pipeline.synthetic import caption_groups, make_dataset
-from pipeline.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cnn, make_tiny_lm
+from stages.score import score_file
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CODE = ("pipeline", "stages")
 
 # What the demo changes in the project's params.yaml: tiny models, demo-sized training.
@@ -116,8 +117,6 @@ def blind_captions(workdir: Path) -> Path:
 
 
 def run_demo(workdir: Path) -> None:
-    from stages.score import score_file
-
     workdir = workdir.resolve()
     if not (workdir / "params.yaml").is_file():
         print(f"demo: building synthetic data and tiny models in {workdir}")

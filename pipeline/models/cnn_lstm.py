@@ -33,8 +33,8 @@ from pipeline.config import Config, LstmConfig
 from pipeline.data import ImageRecord
 from pipeline.errors import ViclipError
 from pipeline.io import write_json
-from pipeline.metrics import tokenize
-from pipeline.models import CaptionModel, Step, load_weights, save_weights
+from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
+from pipeline.text import tokenize
 
 WEIGHTS = "decoder.safetensors"
 VOCAB = "vocab.json"
@@ -187,3 +187,6 @@ def load(
     model = ShowAttendTell(Vocabulary.load(model_dir / VOCAB), encoder["embedding_dim"], sections["lstm"])
     load_weights(model, model_dir / WEIGHTS)
     return model.to(device).eval()
+
+
+register("cnn_lstm", Family("cnn", ("cnn", "lstm"), build, load))

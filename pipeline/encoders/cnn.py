@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline.config import CnnConfig
-from pipeline.encoders import weights_id
+from pipeline.encoders.base import register, weights_id
 from pipeline.errors import ViclipError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -126,3 +126,6 @@ def load_cnn(config: CnnConfig, device: torch.device) -> CnnEncoder:
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
     return CnnEncoder(trunk, config.grid, preprocess)
+
+
+register("cnn", cnn_attrs, load_cnn)
