@@ -51,7 +51,7 @@ def train_step(
 @torch.no_grad()
 def beam_search(captioner: Captioner, embedding: torch.Tensor, beam_size: int, max_length: int) -> list[int]:
     """One image; every step runs the LM over the whole sequence so far, for every beam."""
-    lm, eos = captioner.lm.model, captioner.eos_token_id
+    lm, eos = captioner.lm.model, captioner.stop_id
     embed = lm.get_input_embeddings()
     sequence = captioner.prefix(embedding.unsqueeze(0))  # (1, k, W), then (beams, k + t, W)
     scores = torch.zeros(1, device=embedding.device)
@@ -60,6 +60,7 @@ def beam_search(captioner: Captioner, embedding: torch.Tensor, beam_size: int, m
     tokens = torch.empty(1, 0, dtype=torch.long, device=embedding.device)
     for _ in range(max_length):
         logp = lm(inputs_embeds=sequence).logits[:, -1].softmax(-1).log()  # (beams, V)
+        logp[:, list(captioner.banned_ids)] = float("-inf")  # as viclip: tokens no caption can hold
         logp[stopped] = float("-inf")
         logp[stopped, eos] = 0.0
         total = scores.unsqueeze(1) + logp

@@ -23,7 +23,9 @@ from pipeline.decoding import beam_search
 from pipeline.encoders import encode_files
 from pipeline.features import FeatureStore
 from pipeline.metrics import score_captions
-from pipeline.training import CaptionSet, autocast, train_epoch
+from pipeline.config import TrainSettings
+from pipeline.devices import autocast, precision
+from pipeline.training import CaptionSet, Optimisation, train_epoch
 
 # (viclip, reference) workload sizes, in images, per device type.
 SIZES = {
@@ -60,9 +62,10 @@ def caption_set(captions: workload.Captions, captioner, device: torch.device) ->
 
 
 def _viclip_epoch(captioner, data: CaptionSet) -> None:
-    optimizer = torch.optim.AdamW(captioner.parameters(), lr=2e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_epoch(captioner, data, _batch_size(), optimizer, scheduler, None, torch.Generator().manual_seed(0), "train")
+    settings = TrainSettings(epochs=1, patience=1, batch_size=_batch_size(), lr=2e-5, weight_decay=0.0,
+                             warmup_steps=0, grad_clip=None)
+    optimisation = Optimisation.build(captioner, settings, -(-len(data) // _batch_size()), data.tokens.device)
+    train_epoch(captioner, data, _batch_size(), optimisation, torch.Generator().manual_seed(0), "train")
 
 
 def _padded(captions: workload.Captions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +153,7 @@ def scaling_train(device: torch.device, impl: str, images: int, steps: int = 2) 
         captioner.train()
         batches = data.batches(_batch_size(), torch.Generator().manual_seed(0))
         for _, (features, tokens, mask) in zip(range(steps), batches):
-            with autocast(device):
+            with autocast(device, precision(device)):
                 loss = captioner.loss(features, tokens, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

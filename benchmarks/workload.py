@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline.models.viclipcap import Captioner
+from pipeline.encoders.base import encoding_precision
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.config import load_config
 from pipeline.data import ImageRecord
@@ -42,7 +43,7 @@ def clip_encoder(device: torch.device) -> ClipEncoder:
     config = params().clip
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=None, device=device)
-    return ClipEncoder(model.requires_grad_(False).eval(), preprocess, config.normalize)
+    return ClipEncoder(model.requires_grad_(False).eval(), preprocess, config.normalize, encoding_precision(device))
 
 
 def language_model(device: torch.device) -> LanguageModel:
@@ -51,7 +52,9 @@ def language_model(device: torch.device) -> LanguageModel:
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config()).requires_grad_(False).eval().to(device)
-    return LanguageModel("gpt2-small-shape", model, tokenizer=None, eos_token_id=model.config.eos_token_id)
+    # Random weights never stop (the worst case): the stop is end-of-text, and no token is banned.
+    return LanguageModel("gpt2-small-shape", model, tokenizer=None, stop_text=None,
+                         stop_id=model.config.eos_token_id, banned_ids=())
 
 
 def captioner(device: torch.device) -> Captioner:

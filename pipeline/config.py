@@ -43,6 +43,9 @@ class CnnConfig(_Section):
 
 class LmConfig(_Section):
     name: str  # a Hugging Face id or a local directory
+    # What ends a caption: a text the LM predicts at a sentence end (one token after a caption),
+    # or null for the LM's end-of-text token.
+    stop: str | None = Field(min_length=1)
 
 
 class MapperConfig(_Section):

@@ -1,28 +1,48 @@
-"""Which device a run uses, whether it multiplies bf16 natively, and how to name it in a run's record."""
+"""Which device a run uses, at which precision (one policy for every GPU a user has), and how to name it."""
 
 from __future__ import annotations
 
 import contextlib
 import platform
-from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import torch
+
+Precision = Literal["bf16", "fp16", "fp32"]
 
 
 def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@cache  # asked at every training step: the hardware does not change
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 matrices natively (and so faster than fp32): CUDA GPUs from
-    Ampere on, CPUs with AVX-512 BF16 or AMX. Elsewhere bf16 would be emulated, and slower."""
+    """Whether the device multiplies bf16 matrices natively (and so faster than fp32): CUDA GPUs of compute
+    capability 8.0 and up (A100, H100, RTX 30/40), CPUs with AVX-512 BF16 or AMX. Elsewhere bf16 is
+    emulated, and slower. `torch.cuda.is_bf16_supported()` counts emulation: it says True on a T4."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     # torch exposes the CPU's capabilities only privately; without them, assume none.
     probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(probe() for probe in probes if probe is not None)
+
+
+def precision(device: torch.device) -> Precision:
+    """The precision policy for training and extraction: bf16 autocast where bf16 is native; fp16
+    autocast on CUDA 7.x (T4, V100), whose tensor cores run fp16 (training adds a gradient scaler);
+    fp32 elsewhere: a P100 (6.0) has no tensor cores, and its fp16 is too easily out of range for
+    a gain no one has measured here."""
+    if native_bf16(device):
+        return "bf16"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 7:
+        return "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, policy: Precision):
+    """Mixed precision as the policy says; fp32 is autocast switched off."""
+    dtype = torch.bfloat16 if policy == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=policy != "fp32")
 
 
 def hardware(device: torch.device) -> str:

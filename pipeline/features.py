@@ -6,10 +6,12 @@ Layout of `<split>.h5`:
   image_ids   int64 [N]            the dataset's image ids, row for row
   attributes  what produced the rows (format, the encoder's own attributes,
               embedding_dim, dtype, split) and which images were skipped as
-              unreadable (skipped_ids, skipped_images)
+              unreadable (skipped_ids, skipped_images); for information, the
+              precision the encoder ran at (precision)
 
 A store is a contract: readers name the attributes they rely on and
-`open_store` refuses a file whose attributes differ.
+`open_store` refuses a file whose attributes differ. The precision is not one
+of them: a store extracted on a GPU serves a CPU run as well.
 """
 
 from __future__ import annotations

@@ -41,4 +41,4 @@ def caption_files(config: Config, images: list[Path], model_dir: Path) -> list[t
     if bad:
         raise ViclipError(f"{len(bad)} bad image(s): " + "; ".join(f"{images[i]} ({e})" for i, e in sorted(bad)))
     captions = caption_features(model, torch.from_numpy(features).to(device), config.score)
-    return list(zip(images, captions))
+    return list(zip(images, captions.texts))

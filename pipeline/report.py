@@ -113,8 +113,9 @@ def _config_field(config: Mapping[str, Any], key: str, model: str) -> Any:
     return config[key]
 
 
-def _model_row(model: str, config: Mapping[str, Any]) -> str:
+def _model_row(model: str, config: Mapping[str, Any], scores: Mapping[str, Any]) -> str:
     encoder = _config_field(config, "encoder", model)
+    unfinished = scores.get("unfinished")
     cells = [
         _display(model),
         f"{str(encoder.get('encoder', '?')).upper()} {encoder.get('model', '?')}",
@@ -123,18 +124,20 @@ def _model_row(model: str, config: Mapping[str, Any]) -> str:
         str(_config_field(config, "best_epoch", model)),
         str(_config_field(config, "device", model)),
         str(config.get("precision", "not recorded")),  # recorded since training went bf16 where native
+        "not recorded" if unfinished is None else f"{unfinished} of {scores['images']}",  # recorded since lm.stop
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def _models_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _models_table(models: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     missing = [model for model, _ in COLUMNS if model not in models]
     if missing:
         raise ViclipError(f"comparison: no model config for {', '.join(missing)}")
     return [
-        "| Model | Encoder | Trainable parameters | Training time (s) | Best epoch | Hardware | Precision |",
-        "|---|---|---|---|---|---|---|",
-        *(_model_row(model, models[model]) for model, _ in COLUMNS),
+        "| Model | Encoder | Trainable parameters | Training time (s) | Best epoch | Hardware | Precision "
+        "| Unfinished captions |",
+        "|---|---|---|---|---|---|---|---|",
+        *(_model_row(model, models[model], metrics[model]) for model, _ in COLUMNS),
     ]
 
 
@@ -173,7 +176,9 @@ def comparison_markdown(
         "",
         "## Models",
         "",
-        *_models_table(models),
+        *_models_table(models, metrics),
+        "",
+        "Unfinished captions: test captions that reached `score.max_length` without stopping.",
         "",
         "## Protocol and notes",
         "",

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
+from pipeline.config import TrainSettings
 from pipeline.data import ImageRecord
-from pipeline.devices import native_bf16
+from pipeline.devices import Precision, autocast, precision
 from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore
 from pipeline.models.base import CaptionModel
@@ -80,41 +82,64 @@ class CaptionSet:
             yield self.features[self.image_rows[rows]], tokens, mask
 
 
-def autocast(device: torch.device):
-    # Mixed precision wherever bf16 is native: the matrix products run 2-3x faster than in fp32.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device))
+@dataclass
+class Optimisation:
+    """Everything a training step needs besides the model and the batch."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_clip: float | None  # max gradient norm, or None
+    policy: Precision  # the precision policy's choice for the device
+    # Scales fp16 losses so small gradients do not underflow; a no-op unless the policy is fp16.
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def build(
+        cls, model: CaptionModel, settings: TrainSettings, steps: int, device: torch.device
+    ) -> Optimisation:
+        """AdamW over what is trained, linear warm-up then decay over `steps`, precision from the policy."""
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        policy = precision(device)
+        return cls(
+            optimizer, get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, steps),
+            settings.grad_clip, policy, torch.amp.GradScaler(device.type, enabled=policy == "fp16"),
+        )
+
+    def step(self, model: CaptionModel, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)  # skipped where fp16 gradients overflowed
+        self.scaler.update()
+        self.scheduler.step()
 
 
 def train_epoch(
-    model: CaptionModel, data: CaptionSet, batch_size: int, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float | None, generator: torch.Generator,
-    description: str,
+    model: CaptionModel, data: CaptionSet, batch_size: int, optimisation: Optimisation,
+    generator: torch.Generator, description: str,
 ) -> float:
     """One pass over `data`; returns the caption-weighted mean training loss."""
     model.train()
     total, count = 0.0, 0
     steps = (len(data) + batch_size - 1) // batch_size
     for features, tokens, mask in tqdm(data.batches(batch_size, generator), total=steps, desc=description, disable=None):
-        with autocast(features.device):
+        with autocast(features.device, optimisation.policy):
             loss = model.loss(features, tokens, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimisation.step(model, loss)
         total += loss.item() * len(tokens)
         count += len(tokens)
     return total / count
 
 
 @torch.no_grad()
-def evaluate(model: CaptionModel, data: CaptionSet, batch_size: int) -> float:
+def evaluate(model: CaptionModel, data: CaptionSet, batch_size: int, policy: Precision) -> float:
     """Caption-weighted mean loss over `data`, no gradients."""
     model.eval()
     total, count = 0.0, 0
     for features, tokens, mask in data.batches(batch_size):
-        with autocast(features.device):
+        with autocast(features.device, policy):
             total += model.loss(features, tokens, mask).item() * len(tokens)
         count += len(tokens)
     return total / count

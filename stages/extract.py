@@ -37,7 +37,7 @@ def run(
             files = [r.path for r in records[split]]
             ids = np.array([r.image_id for r in records[split]], dtype=np.int64)
             store = stores.enter_context(write_store(
-                paths.store_path(config, split, encoder_name), {**attrs, "split": split}, encoder.store_dtype
+                paths.store_path(config, split, encoder_name), {**attrs, "split": split, "precision": encoder.precision}, encoder.store_dtype
             ))
             bad: list[tuple[int, str]] = []
             for rows, embeddings, errors in encode_files(

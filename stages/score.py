@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from pipeline.features import open_store
 from pipeline.io import read_json, write_json
 from pipeline.metrics import PROTOCOL, score_captions
 from pipeline.models import family, load_model
+
+UNFINISHED_WARNING = 0.05  # the share of captions cut at max_length that says the model does not stop
 
 
 def test_references(config: Config) -> dict[int, list[str]]:
@@ -40,15 +43,26 @@ def read_results(path: str | Path) -> dict[int, str]:
     return results
 
 
-def report(scores: dict, notes: dict, model: str, images: int) -> dict:
-    return {**scores, "model": model, "split": "test", "images": images, "protocol": PROTOCOL, "notes": notes}
+def report(scores: dict, notes: dict, model: str, images: int, **extra) -> dict:
+    return {**scores, "model": model, "split": "test", "images": images, **extra, "protocol": PROTOCOL, "notes": notes}
 
 
 def score_file(config: Config, captions_file: str | Path) -> dict:
-    """Score an existing results file against the test references, without decoding."""
+    """Score an existing results file against the test references, without decoding.
+
+    Where a CLIP store of the test split exists, only its images are scored (the set `viclip score`
+    decodes): captions of images that extraction skipped as unreadable are dropped and counted."""
     references = test_references(config)
-    scores, notes = score_captions(references, read_results(captions_file), source=str(captions_file))
-    return report(scores, notes, Path(captions_file).name, len(references))
+    predictions = read_results(captions_file)
+    dropped: list[int] = []
+    store = paths.store_path(config, "test")
+    if store.is_file():
+        stored = set(open_store(store, {}).image_ids.tolist())
+        dropped = [i for i in predictions if i in references and i not in stored]
+        references = {i: refs for i, refs in references.items() if i in stored}
+        predictions = {i: c for i, c in predictions.items() if i not in dropped}
+    scores, notes = score_captions(references, predictions, source=str(captions_file))
+    return report(scores, notes, Path(captions_file).name, len(references), dropped=len(dropped))
 
 
 def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
@@ -61,16 +75,29 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
     store = open_store(paths.store_path(config, "test", family(spec.name).encoder), spec.encoder)
 
     captions = caption_features(model, torch.from_numpy(store.embeddings).to(device), config.score)
-    results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, captions)]
+    results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, captions.texts)]
     predictions = {r["image_id"]: r["caption"] for r in results}
     skipped = set(store.attrs.get("skipped_ids", []))
     scored = {i: refs for i, refs in references.items() if i not in skipped}
     scores, notes = score_captions(scored, predictions, source=str(store.path))
+    if captions.clamped_from is not None:
+        notes["max_length"] = (
+            f"score.max_length {captions.clamped_from} capped at {captions.max_length}: "
+            "the LM's context holds no more after the prefix"
+        )
 
-    metrics = report(scores, notes, spec.name, len(scored))
+    metrics = report(scores, notes, spec.name, len(scored), unfinished=captions.unfinished,
+                     max_length=captions.max_length)
     write_json(paths.captions_path(config, spec.name), results)
     write_json(paths.metrics_path(config, spec.name), metrics)
+    if captions.unfinished > UNFINISHED_WARNING * len(results):
+        print(
+            f"warning: {captions.unfinished} of {len(results)} captions reached score.max_length "
+            f"({captions.max_length}) without stopping; check lm.stop",
+            file=sys.stderr,
+        )
     return metrics, (
-        f"score {spec.name}: {len(results)} test images, CIDEr {scores['cider']:.4f}, BLEU-4 {scores['bleu_4']:.4f} "
-        f"-> {paths.metrics_path(config, spec.name)} ({time.perf_counter() - started:.1f} s)"
+        f"score {spec.name}: {len(results)} test images, CIDEr {scores['cider']:.4f}, BLEU-4 {scores['bleu_4']:.4f}, "
+        f"{captions.unfinished} unfinished -> {paths.metrics_path(config, spec.name)} "
+        f"({time.perf_counter() - started:.1f} s)"
     )

@@ -10,18 +10,19 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from pipeline import paths
 from pipeline.config import Config, dump_config
 from pipeline.data import load_splits
-from pipeline.devices import best_device, hardware, native_bf16
+from pipeline.devices import best_device, hardware
 from pipeline.encoders import encoder_attrs
 from pipeline.features import open_store
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.models import CONFIG, family, spec_for
 from pipeline.models.base import trainable_parameters
-from pipeline.training import CaptionSet, evaluate, seed_everything, train_epoch
+from pipeline.training import CaptionSet, Optimisation, evaluate, seed_everything, train_epoch
+
+PRECISION_NOTES = {"bf16": "bf16 autocast", "fp16": "fp16 autocast, gradient scaler", "fp32": "fp32"}
 
 
 def run(config: Config, model_name: str = paths.MODEL) -> str:
@@ -42,9 +43,8 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
         split: CaptionSet.build(records[split], stores[split], model.encode, model.max_tokens, device)
         for split in stores
     }
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * -(-len(data["train"]) // settings.batch_size)
-    scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, steps)
+    optimisation = Optimisation.build(model, settings, steps, device)
     generator = torch.Generator().manual_seed(config.train.seed)
 
     log = ["epoch,train_loss,val_loss,lr,seconds"]
@@ -54,12 +54,12 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
         for epoch in range(1, settings.epochs + 1):
             epoch_start = time.perf_counter()
             train_loss = train_epoch(
-                model, data["train"], settings.batch_size, optimizer, scheduler, settings.grad_clip, generator,
+                model, data["train"], settings.batch_size, optimisation, generator,
                 f"{model_name} epoch {epoch}/{settings.epochs}",
             )
-            val_loss = evaluate(model, data["val"], settings.batch_size)
+            val_loss = evaluate(model, data["val"], settings.batch_size, optimisation.policy)
             log.append(
-                f"{epoch},{train_loss:.6f},{val_loss:.6f},{scheduler.get_last_lr()[0]:.3g},"
+                f"{epoch},{train_loss:.6f},{val_loss:.6f},{optimisation.scheduler.get_last_lr()[0]:.3g},"
                 f"{time.perf_counter() - epoch_start:.2f}"
             )
             write_text(paths.train_log(config, model_name), "\n".join(log) + "\n")
@@ -75,7 +75,8 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
             "val_loss": round(best_loss, 6),
             "train_seconds": round(time.perf_counter() - started, 1),
             "device": hardware(device),
-            "precision": "bf16 autocast" if native_bf16(device) else "fp32",
+            "precision": PRECISION_NOTES[optimisation.policy],
+            **model.record(),
         })
         write_json(model_dir / CONFIG, spec.to_json())
         write_text(model_dir / "params.yaml", dump_config(config))

@@ -52,10 +52,10 @@ def test_reference_beam_search_finds_viclips_captions(demo, config):
         captioner, spec = load_model("artifacts/models/viclipcap", CPU)
         features = torch.from_numpy(open_store(paths.store_path(config, "test"), {}).embeddings[:4])
     ours = beam_search(captioner, features, 3, 12, 1.0)
-    for tokens, embedding in zip(ours, features):
+    for tokens, embedding in zip(ours.tokens, features):
         theirs = reference.beam_search(captioner, embedding, 3, 12)
-        eos = captioner.eos_token_id
-        assert (theirs[: theirs.index(eos)] if eos in theirs else theirs) == tokens
+        stop = captioner.stop_id
+        assert (theirs[: theirs.index(stop)] if stop in theirs else theirs) == tokens
 
 
 def test_the_benchmark_command_writes_its_results(tmp_path):

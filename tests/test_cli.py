@@ -237,3 +237,48 @@ def test_baseline_store_and_model_dir_are_checked(project):
     assert invoke("train", "--model", "cnn_lstm").exit_code == 0
     (project / "artifacts/models/cnn_lstm/vocab.json").unlink()
     assert_clear_error(invoke("score", "--model", "cnn_lstm"), "vocab.json", "vocabulary missing")
+
+
+def test_a_stop_text_of_several_tokens_is_one_clear_line(project):
+    assert invoke("extract").exit_code == 0
+    edit_params(project, "lm", "stop", "hình tròn")
+    assert_clear_error(invoke("train"), "lm.stop 'hình tròn'", "exactly one token")
+    assert not (project / "artifacts/models").exists()
+
+
+def test_score_records_unfinished_captions_and_warns(project):
+    assert invoke("extract").exit_code == 0 and invoke("train").exit_code == 0
+    edit_params(project, "score", "max_length", 1)  # one token: no caption can both say something and stop
+    result = CliRunner().invoke(app, ["score"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((project / "artifacts/metrics/viclipcap.json").read_text())
+    assert metrics["unfinished"] == 4 and metrics["max_length"] == 1
+    assert "warning: 4 of 4 captions reached score.max_length (1) without stopping" in result.output
+
+
+def test_max_length_is_capped_by_the_lm_context(project):
+    assert invoke("extract").exit_code == 0 and invoke("train").exit_code == 0
+    edit_params(project, "score", "max_length", 10_000)
+    assert invoke("score").exit_code == 0
+    metrics = json.loads((project / "artifacts/metrics/viclipcap.json").read_text())
+    config = load_config(project / "params.yaml")
+    lm_config = json.loads((Path(config.lm.name) / "config.json").read_text())
+    assert metrics["max_length"] == lm_config["n_positions"] - config.mapper.prefix_length
+    assert "10000 capped at" in metrics["notes"]["max_length"]
+
+
+def test_score_captions_leaves_out_images_that_extraction_skipped(project):
+    broken = project / "ktvic/public-test-images/100001.jpg"
+    broken.write_bytes(broken.read_bytes()[:100])
+    results = [{"image_id": i, "caption": "có một hình tròn màu đỏ"} for i in range(100_000, 100_004)]
+    (project / "results.json").write_text(json.dumps(results))
+
+    assert invoke("score", "--captions", "results.json", "--out", "all.json").exit_code == 0
+    everything = json.loads((project / "all.json").read_text())
+    assert everything["images"] == 4 and everything["dropped"] == 0  # no store: every reference
+
+    assert invoke("extract", "--split", "test", "--skip-bad-images").exit_code == 0
+    result = invoke("score", "--captions", "results.json", "--out", "stored.json")
+    assert result.exit_code == 0, result.output
+    stored = json.loads((project / "stored.json").read_text())
+    assert stored["images"] == 3 and stored["dropped"] == 1

@@ -53,12 +53,16 @@ def test_both_tokenizer_conventions_load(tmp_path, convention, eos):
         # gpt2news ships tokenizer.json only: no word from the tokenizer on which token ends a text.
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             (directory / name).unlink(missing_ok=True)
-    lm = load_lm(str(directory), torch.device("cpu"))
-    assert lm.tokenizer.convert_ids_to_tokens(lm.eos_token_id) == eos
+    lm = load_lm(str(directory), None, torch.device("cpu"))
+    assert lm.tokenizer.convert_ids_to_tokens(lm.stop_id) == eos
     if convention == "nlphust":
         assert lm.tokenizer.pad_token is None
     else:
-        assert lm.tokenizer.convert_tokens_to_ids("<pad>") != 0 or lm.eos_token_id != 0
+        assert lm.tokenizer.convert_tokens_to_ids("<pad>") != 0 or lm.stop_id != 0
     encoded = lm.encode(["có một hình tròn màu đỏ"])[0]
-    assert encoded[-1] == lm.eos_token_id
+    assert encoded[-1] == lm.stop_id
     assert lm.decode(encoded) == "có một hình tròn màu đỏ"
+
+    dot = load_lm(str(directory), ".", torch.device("cpu"))  # the stop text needs no end-of-text token
+    assert dot.tokenizer.convert_ids_to_tokens(dot.stop_id) == "." and lm.stop_id in dot.banned_ids
+    assert dot.decode(dot.encode(["có một hình tròn màu đỏ"])[0]) == "có một hình tròn màu đỏ"

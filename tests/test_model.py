@@ -41,7 +41,7 @@ def test_only_the_mapper_gets_gradients_and_is_saved(demo, config):
 
 def test_padding_and_prefix_never_reach_the_loss(demo, config):
     with chdir(demo):
-        lm = load_lm(config.lm.name, CPU)
+        lm = load_lm(config.lm.name, config.lm.stop, CPU)
     torch.manual_seed(0)
     captioner = Captioner(build_mapper(config.mapper, 64, lm.width), lm)
     short, long = lm.encode(["một hình tròn", "có ba hình vuông màu vàng ở bên phải"])
@@ -52,8 +52,9 @@ def test_padding_and_prefix_never_reach_the_loss(demo, config):
     assert torch.allclose(alone, captioner.loss(torch.ones(1, 64), padded, mask.unsqueeze(0)), atol=1e-6)
 
 
-def plain_beam_search(next_logp, eos, beam_size, max_length, length_penalty):
-    """One image, no cache: next_logp(tokens) re-runs the whole sequence at every step (the reference's way)."""
+def plain_beam_search(next_logp, eos, beam_size, max_length, length_penalty, banned=()):
+    """One image, no cache: next_logp(tokens) re-runs the whole sequence at every step (the reference's way);
+    banned tokens are never extended."""
     beams = [([], 0.0, False)]  # (tokens, sum log-prob, finished)
     for _ in range(max_length):
         candidates = []
@@ -62,6 +63,8 @@ def plain_beam_search(next_logp, eos, beam_size, max_length, length_penalty):
                 candidates.append((tokens + [eos], score, True, len(tokens[: tokens.index(eos) + 1])))
                 continue
             for token, value in enumerate(next_logp(tokens).tolist()):
+                if token in banned:
+                    continue
                 candidates.append((tokens + [token], score + value, token == eos, len(tokens) + 1))
         candidates.sort(key=lambda c: c[1] / c[3] ** length_penalty, reverse=True)
         beams = [(t, s, d) for t, s, d, _ in candidates[:beam_size]]
@@ -107,9 +110,9 @@ def test_batched_cached_beam_search_equals_plain_beam_search(demo, config, model
         features = torch.from_numpy(open_store(paths.store_path(config, "test", spec.encoder["encoder"]), {}).embeddings[:6])
     next_logp = lm_next_logp if model == "viclipcap" else lstm_next_logp
     for beam_size, penalty in ((3, 1.0), (2, 0.0)):
-        batched = beam_search(captioner, features, beam_size, 12, penalty)
+        batched = beam_search(captioner, features, beam_size, 12, penalty).tokens
         plain = [
-            plain_beam_search(next_logp(captioner, f), captioner.eos_token_id, beam_size, 12, penalty)
+            plain_beam_search(next_logp(captioner, f), captioner.stop_id, beam_size, 12, penalty, captioner.banned_ids)
             for f in features
         ]
         assert batched == plain
@@ -137,7 +140,7 @@ def test_caption_sets_cut_batches_to_the_longest_caption(demo, config):
     from pipeline.data import load_splits
 
     with chdir(demo):
-        lm = load_lm(config.lm.name, CPU)
+        lm = load_lm(config.lm.name, config.lm.stop, CPU)
         records = load_splits(config.data)["val"]
         store = open_store("artifacts/features/clip/val.h5", {})
     data = CaptionSet.build(records, store, lm.encode, 60, CPU)

@@ -110,3 +110,9 @@ def test_failed_chart_leaves_the_old_one_and_no_partial_file(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         bar_chart(metrics(), path)
     assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == b"old chart"
+
+
+def test_the_models_table_says_how_many_captions_never_stopped():
+    markdown = comparison_markdown(metrics(unfinished=3), MODELS)
+    assert row(markdown, "ViCLIPCap")[-1] == "3 of 558"
+    assert row(markdown, "CNN+LSTM")[-1] == "not recorded"  # a metrics file from before `unfinished`

@@ -93,43 +93,49 @@ def train_tokenizer(texts: list[str], convention: str = "gpt2news", vocab_size: 
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **CONVENTIONS[convention]["roles"])
 
 
+def news_documents(caption_groups: list[list[str]], seed: int = 0, per_document: int = 3) -> list[str]:
+    """Running text, as a news LM is pre-trained on: one short document per image, `per_document` of its
+    captions as sentences, each ended by ". ". No special token anywhere."""
+    rng = torch.Generator().manual_seed(seed)
+    documents = []
+    for group in caption_groups:
+        chosen = torch.randperm(len(group), generator=rng)[:per_document].tolist()
+        documents.append("".join(f"{group[i]}. " for i in chosen))
+    return documents
+
+
 def make_tiny_lm(
     caption_groups: list[list[str]], directory: str | Path, convention: str = "gpt2news",
-    steps: int = 300, seed: int = 0, width: int = 64, layers: int = 2,
+    steps: int = 300, seed: int = 0, width: int = 64, layers: int = 2, block: int = 64,
 ) -> Path:
-    """A small GPT-2 pre-trained as a language model, saved with `save_pretrained`.
+    """A small GPT-2 pre-trained the way real news LMs are, saved with `save_pretrained`.
 
-    Each training text is two captions of one image (`caption_groups` holds an
-    image's captions), so the model learns that earlier text tells what comes
-    next, as a real LM learns from documents. Trained on lone captions it
-    ignores its context, and a frozen LM that ignores context can't be
-    steered by a prefix.
+    The standard causal-LM recipe: documents of running text (`news_documents`) tokenised,
+    concatenated into one stream with nothing between them and cut into blocks, every
+    token a target. End-of-text is never one, so the LM
+    never learns to emit it (its output row is only ever pushed down), while it does
+    learn that a sentence ends with ".". Each document holds captions of one image, so
+    earlier text tells what comes next, as in a real LM: one that ignored its context
+    could not be steered by a prefix. The embedding matrix is padded past the tokenizer
+    to a multiple of 64, as many checkpoints are: those rows map to no token.
     """
     directory = Path(directory)
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer([c for group in caption_groups for c in group], convention)
+    documents = news_documents(caption_groups, seed)
+    tokenizer = train_tokenizer(documents, convention)
+    ids = torch.tensor([i for doc in tokenizer(documents, add_special_tokens=False)["input_ids"] for i in doc])
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    encoded = [
-        [ids + [eos] for ids in tokenizer(group, add_special_tokens=False)["input_ids"]]
-        for group in caption_groups
-    ]
-    longest = 2 * max(len(ids) for group in encoded for ids in group)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=max(64, longest), n_embd=width, n_layer=layers, n_head=2,
+        vocab_size=-(-len(tokenizer) // 64) * 64, n_positions=2 * block, n_embd=width, n_layer=layers, n_head=2,
         bos_token_id=eos, eos_token_id=eos,
     )
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        tokens = torch.full((32, longest), eos)
-        labels = torch.full((32, longest), -100)
-        for row, image in enumerate(torch.randint(len(encoded), (32,)).tolist()):
-            first, second = torch.randperm(len(encoded[image]))[:2].tolist()
-            text = encoded[image][first] + encoded[image][second]
-            tokens[row, : len(text)] = torch.tensor(text)
-            labels[row, : len(text)] = torch.tensor(text)
-        loss = model(input_ids=tokens, labels=labels).loss
+        starts = torch.randint(len(ids) - block, (32,))
+        tokens = torch.stack([ids[start : start + block] for start in starts.tolist()])  # (32, block)
+        loss = model(input_ids=tokens, labels=tokens).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -13,12 +13,15 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from pipeline.devices import Precision, precision
+
 
 class ImageEncoder(Protocol):
     """A frozen image encoder: how to turn a file into pixels, and pixels into features."""
 
     preprocess: Callable[[Image.Image], torch.Tensor]
     store_dtype: str  # how its features are stored
+    precision: Precision  # how it computes them
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, ...) float32 features."""
@@ -37,6 +40,12 @@ REGISTRY: dict[str, EncoderFamily] = {}  # filled by each encoder module as it i
 
 def register(name: str, attrs: Callable[[Any], dict[str, Any]], load: Callable[[Any, torch.device], ImageEncoder]) -> None:
     REGISTRY[name] = EncoderFamily(attrs, load)
+
+
+def encoding_precision(device: torch.device) -> Precision:
+    """The precision policy on a GPU (cuDNN has no bf16 convolutions below compute capability 8.0, and the
+    policy picks fp16 there); fp32 on the CPU, where extraction is a one-off and its figures are the reference."""
+    return precision(device) if device.type == "cuda" else "fp32"
 
 
 @cache

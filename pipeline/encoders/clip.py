@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import ClipConfig
-from pipeline.encoders.base import register, weights_id
+from pipeline.devices import Precision, autocast
+from pipeline.encoders.base import encoding_precision, register, weights_id
 from pipeline.errors import ViclipError
 
 
@@ -31,13 +32,14 @@ class ClipEncoder:
     model: torch.nn.Module
     preprocess: Callable[[Image.Image], torch.Tensor]
     normalize: bool
+    precision: Precision
     store_dtype = "float32"
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, D) float32 embeddings."""
         device = images.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, self.precision):
             embeddings = self.model.encode_image(images).float()
         if self.normalize:
             embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
@@ -69,7 +71,7 @@ def load_clip(config: ClipConfig, device: torch.device) -> ClipEncoder:
     finally:
         logging.disable(logging.NOTSET)
     model.requires_grad_(False).eval()
-    return ClipEncoder(model, preprocess, config.normalize)
+    return ClipEncoder(model, preprocess, config.normalize, encoding_precision(device))
 
 
 register("clip", clip_attrs, load_clip)

@@ -19,7 +19,8 @@ from PIL import Image
 from torch import nn
 
 from pipeline.config import CnnConfig
-from pipeline.encoders.base import register, weights_id
+from pipeline.devices import Precision, autocast
+from pipeline.encoders.base import encoding_precision, register, weights_id
 from pipeline.errors import ViclipError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +44,7 @@ class CnnEncoder:
     trunk: nn.Module  # the CNN without its pooling and classifier
     grid: int
     preprocess: Callable[[Image.Image], torch.Tensor]
+    precision: Precision
     # A 7 x 7 x 2048 grid is 400 KB per image in float32; half precision halves the store and
     # what training keeps on the device, and is far finer than the LSTM can make use of.
     store_dtype = "float16"
@@ -51,7 +53,7 @@ class CnnEncoder:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed pixels -> (B, grid * grid, C) float32 features."""
         device = images.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, self.precision):
             maps = self.trunk(images)  # (B, C, h, w)
         grid = nn.functional.adaptive_avg_pool2d(maps.float(), self.grid)  # (B, C, grid, grid)
         return grid.flatten(2).transpose(1, 2).contiguous()
@@ -125,7 +127,7 @@ def load_cnn(config: CnnConfig, device: torch.device) -> CnnEncoder:
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    return CnnEncoder(trunk, config.grid, preprocess)
+    return CnnEncoder(trunk, config.grid, preprocess, encoding_precision(device))
 
 
 register("cnn", cnn_attrs, load_cnn)

@@ -84,4 +84,13 @@ def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionMode
     """Rebuild exactly the model that was trained, whichever it is, in eval mode."""
     spec = read_spec(model_dir)
     model = family(spec.name).load(Path(model_dir), spec.sections, spec.encoder, device)
+    for key, now in model.record().items():
+        then = spec.extra.get(key) or {}
+        differ = [k for k in sorted({*then, *now}) if then.get(k) != now.get(k)]
+        if differ:
+            raise ViclipError(
+                f"{model_dir}: trained against another {key.removesuffix('_fingerprint')}: "
+                + "; ".join(f"{k} was {then.get(k)!r}, now {now.get(k)!r}" for k in differ)
+                + ". Train again, or load the one it was trained against"
+            )
     return model, spec

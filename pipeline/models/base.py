@@ -23,11 +23,16 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class CaptionModel(nn.Module):
     """What training, decoding and scoring need from a model. Its parameters() are what is trained."""
 
-    eos_token_id: int
-    max_tokens: int | None  # the longest caption (end-of-text included) it can learn; None: no limit
+    stop_id: int  # the token that ends a caption
+    banned_ids: tuple[int, ...]  # tokens that can never be a caption's: decoding never produces them
+    max_tokens: int | None  # the longest caption (stop included) it can learn or decode; None: no limit
+
+    def record(self) -> dict[str, Any]:
+        """What else the model directory's config.json records, and a reloaded model must match."""
+        return {}
 
     def encode(self, captions: list[str]) -> list[list[int]]:
-        """Token ids of each caption, closed by end-of-text."""
+        """Token ids of each caption, closed by the stop token."""
         raise NotImplementedError
 
     def decode(self, tokens: list[int]) -> str:

@@ -108,7 +108,8 @@ class ShowAttendTell(CaptionModel):
         super().__init__()
         self.vocab = vocab
         self.attention_reg = config.attention_reg
-        self.eos_token_id = END
+        self.stop_id = END
+        self.banned_ids = (PAD, START)
         self.max_tokens = None
         self.embedding = nn.Embedding(len(vocab), config.embed_dim)
         self.attention = SoftAttention(feature_dim, config.hidden_dim, config.attention_dim)

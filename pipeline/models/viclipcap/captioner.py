@@ -5,6 +5,7 @@ Its model directory holds `mapper.safetensors`, the mapper's weights, and nothin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ WEIGHTS = "mapper.safetensors"
 IGNORE = -100  # label of prefix and padding positions: never id 0, which is a real GPT-2 token
 
 
+def cache_keyword(lm: nn.Module) -> str:
+    """The KV cache's name, in and out: `past_key_values` in the transformers of stock GPU images (5.17),
+    `cache` in later ones. A wrong keyword is swallowed by **kwargs: decoding would silently lose its context."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
 class Captioner(CaptionModel):
     def __init__(self, mapper: nn.Module, lm: LanguageModel):
         super().__init__()
@@ -32,8 +39,12 @@ class Captioner(CaptionModel):
         # A plain dataclass, not a submodule: the LM is not ours to train or save,
         # so parameters() and state_dict() see the mapper alone.
         self.lm = lm
-        self.eos_token_id = lm.eos_token_id
+        self.stop_id = lm.stop_id
+        self.banned_ids = lm.banned_ids
         self.max_tokens = lm.model.config.max_position_embeddings - mapper.prefix_length
+
+    def record(self) -> dict[str, Any]:
+        return {"lm_fingerprint": self.lm.fingerprint()}
 
     def encode(self, captions: list[str]) -> list[list[int]]:
         return self.lm.encode(captions)
@@ -65,13 +76,14 @@ class Captioner(CaptionModel):
     def start_decoding(self, embeddings: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
         """Run the prefix once; each later step feeds one token per beam on the reordered KV cache."""
         lm = self.lm.model
+        keyword = cache_keyword(lm)
         out = lm(inputs_embeds=self.prefix(embeddings), use_cache=True)
-        cache = out.cache
+        cache = out[keyword]
         cache.batch_repeat_interleave(beams)
 
         def step(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
             cache.reorder_cache(rows)
-            return lm(input_ids=tokens.view(-1, 1), cache=cache, use_cache=True).logits[:, -1]
+            return lm(input_ids=tokens.view(-1, 1), use_cache=True, **{keyword: cache}).logits[:, -1]
 
         return out.logits[:, -1], step
 
@@ -81,12 +93,12 @@ class Captioner(CaptionModel):
 
 def build(config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any], device: torch.device) -> Captioner:
     """A fresh mapper sized from the stored embeddings and the LM, in front of the frozen LM."""
-    lm = load_lm(config.lm.name, device)
+    lm = load_lm(config.lm.name, config.lm.stop, device)
     return Captioner(build_mapper(config.mapper, encoder["embedding_dim"], lm.width).to(device), lm)
 
 
 def load(model_dir: Path, sections: dict[str, BaseModel], encoder: dict[str, Any], device: torch.device) -> Captioner:
-    lm = load_lm(sections["lm"].name, device)
+    lm = load_lm(sections["lm"].name, sections["lm"].stop, device)
     mapper = build_mapper(sections["mapper"], encoder["embedding_dim"], lm.width)
     load_weights(mapper, model_dir / WEIGHTS)
     return Captioner(mapper.to(device).eval(), lm)

@@ -2,13 +2,22 @@
 
 Two conventions are in circulation (FACTS.md): gpt2news-style (`<s> <pad> </s>`,
 pad is not id 0, tokenizer.json only) and NlpHUST-style (`<|endoftext|>` only,
-no pad token). The loader finds the end-of-text token either way; padding
-never reaches the loss (labels -100), so a missing pad token costs nothing.
+no pad token). Padding never reaches the loss (labels -100), so a missing pad
+token costs nothing.
+
+What ends a caption is `lm.stop`: a text such as "." that the LM already
+predicts at a sentence end, or (null) the LM's end-of-text token. A news LM
+pre-trained the standard way (documents concatenated into one stream) never had
+end-of-text as a target, and a frozen LM steered by a short prefix cannot learn
+to emit a token it never predicts: its captions would never stop.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import logging as hf_logging
@@ -17,6 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from pipeline.errors import ViclipError
 
 END_OF_TEXT_CANDIDATES = ("</s>", "<|endoftext|>")
+# Any caption's last syllable: what the stop text follows when the tokenizer meets it.
+CAPTION_END = "một"
+# Config keys that say how a checkpoint was saved, not which LM it is.
+UNSAVED = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures")
 
 
 @dataclass
@@ -24,7 +37,9 @@ class LanguageModel:
     name: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    eos_token_id: int
+    stop_text: str | None  # lm.stop: the text that ends a caption; None: the end-of-text token
+    stop_id: int  # the one token that ends a caption
+    banned_ids: tuple[int, ...]  # embedding rows that can never be a caption's token
 
     @property
     def width(self) -> int:
@@ -32,13 +47,15 @@ class LanguageModel:
 
     @property
     def vocab_size(self) -> int:
-        """Rows of the embedding matrix; the tokenizer may know more ids than this."""
+        """Rows of the embedding matrix; the tokenizer may know more ids, or fewer."""
         return self.model.get_input_embeddings().num_embeddings
 
     def encode(self, captions: list[str]) -> list[list[int]]:
-        """Token ids of each caption, closed by end-of-text so decoding learns where to stop."""
+        """Token ids of each caption, closed by the stop token (once, if the caption already ends with its text)."""
+        if self.stop_text is not None:
+            captions = [c.rstrip().removesuffix(self.stop_text).rstrip() for c in captions]
         ids = self.tokenizer(captions, add_special_tokens=False)["input_ids"]
-        encoded = [tokens + [self.eos_token_id] for tokens in ids]
+        encoded = [tokens + [self.stop_id] for tokens in ids]
         for caption, tokens in zip(captions, encoded):
             if max(tokens) >= self.vocab_size:
                 raise ViclipError(
@@ -48,35 +65,83 @@ class LanguageModel:
         return encoded
 
     def decode(self, tokens: list[int]) -> str:
-        if self.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(self.eos_token_id)]
+        if self.stop_id in tokens:
+            tokens = tokens[: tokens.index(self.stop_id)]
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a trained mapper depends on: recorded in the model directory, checked when it is loaded."""
+        config = {k: v for k, v in self.model.config.to_dict().items() if k not in UNSAVED}
+        return {
+            "tokenizer": _digest([sorted(self.tokenizer.get_vocab().items()), self.tokenizer.special_tokens_map]),
+            "config": _digest(config),
+            "embedding_rows": self.vocab_size,
+            "width": self.width,
+            "stop": self.stop_text,
+            "stop_id": self.stop_id,
+        }
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _end_of_text_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int | None:
-    """The tokenizer's own eos, else a token named like one, else the model config's, and
-    only an id with an embedding row: a tokenizer loaded from tokenizer.json alone may
-    invent an eos token the model never saw."""
+    """The vocabulary's own end-of-text token, else the tokenizer's eos, else the model config's, and
+    only an id with an embedding row: a tokenizer loaded from tokenizer.json alone may invent an eos
+    token the model never saw, and where the embedding matrix is padded past the tokenizer, even
+    give it an id that has a (never trained) row."""
     rows = model.get_input_embeddings().num_embeddings
     vocab = tokenizer.get_vocab()
-    named = [vocab.get(name) for name in (tokenizer.eos_token, *END_OF_TEXT_CANDIDATES) if name]
+    named = [vocab.get(name) for name in (*END_OF_TEXT_CANDIDATES, tokenizer.eos_token) if name]
     configured = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None
     return next((i for i in (*named, configured) if i is not None and i < rows), None)
 
 
-def load_lm(name: str, device: torch.device) -> LanguageModel:
-    """Load and freeze: no gradients, eval mode (no dropout)."""
+def _stop_id(name: str, tokenizer: PreTrainedTokenizerBase, stop: str, rows: int) -> int:
+    """The one token `stop` becomes after a caption. Byte-level BPE gives "." and " ." different ids,
+    so the id is the one the tokenizer gives the text where it meets it: right after a syllable."""
+    before = tokenizer(CAPTION_END, add_special_tokens=False)["input_ids"]
+    after = tokenizer(CAPTION_END + stop, add_special_tokens=False)["input_ids"]
+    added = len(after) - len(before)
+    if after[: len(before)] != before or added != 1:
+        raise ViclipError(
+            f"lm.stop {stop!r}: the tokenizer of {name} writes it after a caption as {max(added, 0)} tokens "
+            f"({after[len(before):]}); it must be exactly one token"
+        )
+    if after[-1] >= rows:
+        raise ViclipError(f"lm.stop {stop!r}: its token id {after[-1]} has no embedding row in {name}")
+    return after[-1]
+
+
+def _banned_ids(tokenizer: PreTrainedTokenizerBase, rows: int, stop_id: int) -> tuple[int, ...]:
+    """Special tokens other than the stop, and embedding rows that no tokenizer entry maps to."""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    mapped = set(tokenizer.get_vocab().values())
+    return tuple(i for i in range(rows) if i != stop_id and (i in special or i not in mapped))
+
+
+def load_lm(name: str, stop: str | None, device: torch.device) -> LanguageModel:
+    """Load in fp32 whatever dtype the checkpoint was saved in, and freeze: no gradients, eval mode."""
     hf_logging.disable_progress_bar()  # one summary line per stage, not a bar per weight file
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name)
+        # transformers 5 loads a checkpoint in its own dtype: a half-precision one would
+        # then meet the fp32 mapper, and decode on the CPU in half precision.
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise ViclipError(
             f"could not load the language model {name!r} ({str(error).splitlines()[0]}); "
             "download it elsewhere and set lm.name in params.yaml to its local directory"
         ) from None
-    eos = _end_of_text_id(tokenizer, model)
-    if eos is None:
-        raise ViclipError(f"lm.name {name}: the tokenizer has no end-of-text token")
+    rows = model.get_input_embeddings().num_embeddings
+    if stop is None:
+        stop_id = _end_of_text_id(tokenizer, model)
+        if stop_id is None:
+            raise ViclipError(f"lm.name {name}: the tokenizer has no end-of-text token; set lm.stop to a text such as \".\"")
+    else:
+        stop_id = _stop_id(name, tokenizer, stop, rows)
     model.requires_grad_(False).eval().to(device)
-    return LanguageModel(name, model, tokenizer, eos)
+    return LanguageModel(name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id))
