@@ -1,10 +1,11 @@
 # Set up the environment once (.venv, pinned by requirements.lock), then run the demo or the tests.
-PYTHON ?= python3.11
+# A supported CPython that is here (3.11 to 3.13, the oldest first); requirements.lock resolves for each.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test bench gpu-check lock clean
 
 $(BIN)/viclip: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +24,28 @@ test: $(BIN)/viclip
 bench: $(BIN)/viclip
 	$(BIN)/python -m benchmarks
 
-# Re-pin every dependency after changing pyproject.toml.
+# On a GPU machine with a stock PyTorch image and no venv (README: "Checking a GPU"): the CUDA tests
+# (tests/gpu: extract, train and decode on CUDA against the CPU), then the extract, train and decode
+# benchmarks. Both run, whichever fails; results are written as they come. Dependencies come from
+# PYTHONPATH (the wheels of ../shared/gpu/wheels.sh), the repository root is put in front of them.
+GPU_PYTHON ?= python3
+GPU_RESULTS ?= artifacts/gpu-check
+GPU_BENCH_OUT ?= benchmarks/results/gpu-$(shell date +%Y-%m-%d).json
+
+gpu-check: SHELL := /bin/bash
+gpu-check:
+	mkdir -p $(GPU_RESULTS) $(dir $(GPU_BENCH_OUT))
+	export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" HF_HUB_OFFLINE=1; \
+	$(GPU_PYTHON) -m pytest -x -v -s -rA --junitxml=$(GPU_RESULTS)/tests.xml tests/gpu 2>&1 | tee $(GPU_RESULTS)/tests.log; \
+	tests=$${PIPESTATUS[0]}; \
+	$(GPU_PYTHON) -m benchmarks --only extract train decode --out $(GPU_BENCH_OUT) 2>&1 | tee $(GPU_RESULTS)/benchmarks.log; \
+	bench=$${PIPESTATUS[0]}; \
+	echo "gpu-check: tests exit $$tests, benchmarks exit $$bench; $(GPU_RESULTS)/, $(GPU_BENCH_OUT)"; \
+	[ $$tests -eq 0 ] && [ $$bench -eq 0 ]
+
+# Re-pin every dependency after changing pyproject.toml, for every supported Python (3.11 and up).
 lock:
-	$(BIN)/uv pip compile pyproject.toml --extra test --quiet -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test --universal --python-version 3.11 --quiet -o requirements.lock
 
 clean:
 	rm -rf $(VENV) demo-run
