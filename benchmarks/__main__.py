@@ -1,5 +1,5 @@
 """`python -m benchmarks`: every stage, viclip against the reference, at full model size; prints a
-table and writes the results as JSON. Each case runs in a fresh process (see suite.py)."""
+table and writes the results as JSON, after each stage. Each case runs in a fresh process (see suite.py)."""
 
 from __future__ import annotations
 
@@ -105,19 +105,24 @@ def main() -> None:
     runs = {"extract": extract, "train": lambda: train(device), "decode": decode, "score": score,
             "scaling": scaling}
     started = time.perf_counter()
-    rows = []
-    for stage in args.only:
-        print(f"benchmark: {stage} ...", file=sys.stderr, flush=True)
-        rows += runs[stage]()
     machine = {
         "date": datetime.date.today().isoformat(),
         "device": hardware(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": 0.0,
     }
-    write_json(args.out, {"machine": machine, "rows": rows})
+    rows, done = [], []
+    for stage in args.only:
+        print(f"benchmark: {stage} ...", file=sys.stderr, flush=True)
+        stage_rows = runs[stage]()
+        rows += stage_rows
+        done.append(stage)
+        machine["seconds"] = round(time.perf_counter() - started, 1)
+        # Written after every stage, so that a run cut short still leaves what it measured.
+        write_json(args.out, {"machine": machine, "stages": done, "rows": rows})
+        print(table(stage_rows), file=sys.stderr, flush=True)
     print(table(rows))
     print(f"\n{machine['device']}, torch {machine['torch']}, {machine['date']}, {machine['seconds']} s -> {args.out}")
 

@@ -1,0 +1,310 @@
+"""extract, train and decode on CUDA through the real stage code, each against the same work on the CPU.
+
+Run by `make gpu-check` on a GPU machine; skipped wherever CUDA is absent (CI, the CPU suite). The
+project is small and built here: a synthetic KTVIC-layout dataset (200 train, 40 test images), the
+demo's tiny CLIP and tiny GPT-2 (pre-trained on the CPU in this run), the demo's params. It uses no
+DVC and no scorer (pycocoevalcap, Java), so it runs on a stock PyTorch image.
+
+Every check is a plain function of `torch.device`s, so the whole flow also runs on a CPU against
+itself, without pytest (the repository root on PYTHONPATH):
+
+    python tests/gpu/test_cuda.py            # cpu against cpu: a dry run of what the GPU runs
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+import stages.extract
+import stages.train
+from pipeline import devices, paths
+from pipeline.devices import autocast
+from pipeline.config import Config, parse_config
+from pipeline.data import find_layout, load_splits, read_annotations
+from pipeline.decoding import caption_features
+from pipeline.demo import demo_params
+from pipeline.demo.synthetic import caption_groups, make_dataset
+from pipeline.demo.tiny import make_tiny_clip, make_tiny_lm
+from pipeline.features import open_store
+from pipeline.io import read_json
+from pipeline.models import CONFIG, load_model
+from pipeline.text import tokenize
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+TRAIN_IMAGES, TEST_IMAGES = 200, 40
+# The demo's training, pinned here so that a change to the demo's length does not change this check's.
+TRAINING = {"epochs": 20, "patience": 20}
+
+# Extraction on CUDA runs CLIP under bf16 autocast, the CPU in fp32. bf16 keeps 8 bits of mantissa
+# (relative rounding 2^-9, 0.2% per operation), and the error grows through the tiny ViT's layers:
+# on this project's CPU, bf16 autocast against fp32 moved the unit-length 64-d embeddings by at most
+# 0.0046 in any coordinate (typical size 0.1), and no row's cosine with its fp32 twin fell below
+# 0.9999. The bounds leave 4x and 10x room for a GPU's other kernels. A real fault is far outside
+# them: two different images' embeddings have a cosine of 0.11 on average.
+EMBEDDING_ATOL = 0.02
+EMBEDDING_MIN_COSINE = 0.999
+# Best validation loss, CUDA against CPU. The same seed, initial weights and batch order; only the
+# arithmetic differs (bf16 on the GPU; bf16 or fp32 on a CPU, as the CPU allows). On this project's
+# CPU, fp32 and bf16 training ended 3.6% apart (0.345 and 0.332 nats); after one epoch the
+# validation loss is still 0.50, 44% above the best.
+VAL_LOSS_RTOL = 0.10
+# Captions of one trained model from the same features, decoded on both devices: the share of test
+# images whose captions agree.
+MIN_AGREEMENT = 0.95
+# Under bf16 autocast, exact agreement is not a property of the code: the synthetic captions are five
+# templates of near-equal probability and the tiny models barely tell "one" from "three", so a
+# perturbation of the scores flips near-ties, at the last step or when beams are pruned. On this
+# project's CPU, bf16 against fp32 decoding gave the same caption for 31 to 34 of 40 images (three
+# trained models); each other caption scored, under the fp32 model, within 0.065 nats per token of
+# the fp32 one. So under autocast a different caption still agrees when it scores within NEAR_TIE of
+# the CPU's (which score 0.25 to 0.3 nats per token). A bf16 fault (NaN or overflowing scores, a
+# broken cache) gives captions far less likely than that, or no sentences at all (checked below).
+NEAR_TIE = 0.15
+# Share of the test images whose caption is, word for word, a training caption: the tiny models learn
+# the synthetic templates (all 40 in the dry run on this project's CPU). Decoding that lost its
+# context writes no such sentence, on either device alike, so agreement cannot show it; this can.
+MIN_TRAINING_SENTENCES = 0.5
+
+
+def report(check: str, **figures: Any) -> None:
+    """One line of figures, printed as soon as a check has them (make gpu-check tees them to a log)."""
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+    print(f"gpu-check {check}: {shown}", flush=True)
+
+
+def build_project(root: Path) -> dict[str, Any]:
+    """Synthetic data and the demo's tiny models under `root`; the demo's params pointing at them."""
+    started = time.perf_counter()
+    data = make_dataset(root / "ktvic", TRAIN_IMAGES, TEST_IMAGES)
+    train = read_annotations(*find_layout(data)["train"])
+    clip_config, clip_weights = make_tiny_clip(root / "models/clip", [(r.path, c) for r in train for c in r.captions])
+    lm = make_tiny_lm(caption_groups(data), root / "models/lm")
+    params = demo_params()
+    params["data"]["root"] = str(data)
+    params["clip"].update(pretrained=str(clip_weights), config=str(clip_config))
+    params["lm"]["name"] = str(lm)
+    params["train"][paths.MODEL].update(TRAINING)
+    report("build", train_images=TRAIN_IMAGES, test_images=TEST_IMAGES, seconds=time.perf_counter() - started)
+    return params
+
+
+@contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Make `best_device()` answer `device` in every loaded module that asks it: the stages choose
+    their own device, and a GPU machine must run them on its CPU too."""
+    modules = [m for name, m in list(sys.modules.items()) if name.split(".")[0] in ("pipeline", "stages")
+               and getattr(m, "best_device", None) is devices.best_device]
+    with ExitStack() as patches:
+        for module in modules:
+            patches.enter_context(mock.patch.object(module, "best_device", lambda: device))
+        yield
+
+
+def run_stages(params: dict[str, Any], out: Path, device: torch.device) -> Config:
+    """The real extract and train stages on `device`, writing under `out`; returns their config."""
+    for section, folder in (("extract", "features"), ("train", "models")):
+        params = {**params, section: {**params[section], "out": str(out / folder)}}
+    config = parse_config(params, source=f"gpu check on {device}")
+    cuda = device.type == "cuda"
+    with on_device(device):
+        if cuda:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        print(stages.extract.run(config), flush=True)
+        # Proof that CLIP ran on the GPU: the store itself does not say where it was made.
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        report(f"extract on {device}", seconds=time.perf_counter() - started, cuda_peak_mb=peak)
+        assert peak != 0, "extraction allocated no CUDA memory: it did not run on the GPU"
+        print(stages.train.run(config), flush=True)
+    return config
+
+
+def trained(config: Config) -> dict[str, Any]:
+    return read_json(paths.model_dir(config) / CONFIG)
+
+
+def check_extraction(reference: Config, other: Config) -> dict[str, float]:
+    """Every split's stored embeddings match, row for row, within the bf16 bounds above."""
+    worst = {"max_abs_diff": 0.0, "min_cosine": 1.0}
+    for split in ("train", "val", "test"):
+        ours, theirs = (open_store(paths.store_path(c, split), {}) for c in (reference, other))
+        assert np.array_equal(ours.image_ids, theirs.image_ids), f"{split}: stores hold different images"
+        assert ours.attrs["embedding_dim"] == theirs.attrs["embedding_dim"]
+        a, b = ours.embeddings.astype(np.float64), theirs.embeddings.astype(np.float64)
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        worst["max_abs_diff"] = max(worst["max_abs_diff"], float(np.abs(a - b).max()))
+        worst["min_cosine"] = min(worst["min_cosine"], float(cosine.min()))
+    report("extract", **worst, atol=EMBEDDING_ATOL, min_cosine_allowed=EMBEDDING_MIN_COSINE)
+    assert worst["max_abs_diff"] <= EMBEDDING_ATOL, worst
+    assert worst["min_cosine"] >= EMBEDDING_MIN_COSINE, worst
+    return worst
+
+
+def check_training(reference: Config, reference_device: torch.device, other: Config, device: torch.device) -> dict:
+    """Each run trained where it was asked to, and both reached about the same best validation loss."""
+    ours, theirs = trained(reference), trained(other)
+    for spec, where in ((ours, reference_device), (theirs, device)):
+        assert spec["device"] == devices.hardware(where), f"trained on {spec['device']}, not {where}"
+        assert math.isfinite(spec["val_loss"]), spec
+    gap = abs(theirs["val_loss"] - ours["val_loss"]) / ours["val_loss"]
+    figures = {"val_loss_reference": ours["val_loss"], "val_loss": theirs["val_loss"], "relative_gap": gap,
+               "precision": theirs.get("precision"), "best_epoch": theirs["best_epoch"],
+               "seconds_reference": ours["train_seconds"], "seconds": theirs["train_seconds"]}
+    report(f"train on {device}", **figures)
+    assert gap <= VAL_LOSS_RTOL, figures
+    return figures
+
+
+@contextmanager
+def precision(device: torch.device, name: str) -> Iterator[None]:
+    """fp32: no autocast and no TF32, so the GPU multiplies in full fp32 as the CPU does;
+    policy: the autocast that training uses on `device`."""
+    if name == "policy":
+        with autocast(device, devices.precision(device)):
+            yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def decode(config: Config, device: torch.device, precision_name: str = "fp32") -> tuple[list[str], bool]:
+    """The trained model's captions of the test split, decoded on `device` at the given precision, and
+    whether that ran under autocast."""
+    started = time.perf_counter()
+    model, spec = load_model(paths.model_dir(config), device)
+    features = torch.from_numpy(open_store(paths.store_path(config, "test"), spec.encoder).embeddings).to(device)
+    with precision(device, precision_name):
+        autocast_on = torch.is_autocast_enabled(device.type)
+        captions = caption_features(model, features, config.score)
+    texts = captions.texts
+    report(f"decode on {device} ({precision_name})", autocast=autocast_on, images=len(texts),
+           distinct_captions=len(set(texts)), seconds=time.perf_counter() - started)
+    return texts, autocast_on
+
+
+@torch.no_grad()
+def caption_losses(config: Config, captions: list[str]) -> list[float]:
+    """Each test image's caption scored by the trained model in fp32 on the CPU: mean negative
+    log-likelihood per token, end token included (beam search ranks by its negative, at length
+    penalty 1)."""
+    model, spec = load_model(paths.model_dir(config), CPU)
+    features = torch.from_numpy(open_store(paths.store_path(config, "test"), spec.encoder).embeddings)
+    losses = []
+    for row, ids in enumerate(model.encode(captions)):
+        tokens = torch.tensor([ids])
+        losses.append(model.loss(features[row : row + 1], tokens, torch.ones_like(tokens, dtype=torch.bool)).item())
+    return losses
+
+
+def check_sentences(config: Config, captions: list[str]) -> float:
+    """Most captions are sentences of the training set. This guards what agreement between devices
+    cannot: a library on this machine that decodes wrongly on both (transformers 5.17 ignores an
+    unknown keyword such as `cache=`, and the LM then decodes each token without its context)."""
+    known = {tokenize(c) for r in load_splits(config.data)["train"] for c in r.captions}
+    share = sum(tokenize(c) in known for c in captions) / len(captions)
+    report("decoded training sentences", share=share, distinct=len(set(captions)), example=captions[0])
+    assert share >= MIN_TRAINING_SENTENCES, f"{share:.0%} are training sentences; some captions: {captions[:3]}"
+    return share
+
+
+def check_decoding(config: Config, reference: list[str], captions: list[str], near_tie: float, label: str) -> float:
+    """At least MIN_AGREEMENT of the test images get the same caption, or one that scores within
+    `near_tie` nats per token of the reference caption under the fp32 model."""
+    assert len(captions) == len(reference)
+    differ = [row for row, (a, b) in enumerate(zip(reference, captions)) if a != b]
+    gaps = {}
+    if differ:
+        ours, theirs = caption_losses(config, reference), caption_losses(config, captions)
+        gaps = {row: theirs[row] - ours[row] for row in differ}
+    agree = len(captions) - sum(gap > near_tie for gap in gaps.values())
+    agreement = agree / len(captions)
+    worst = max(gaps, key=gaps.get, default=None)
+    report(f"decode agreement ({label})", agreement=agreement, exact=1 - len(differ) / len(captions),
+           near_tie_allowed=near_tie, worst_gap=gaps.get(worst),
+           worst=None if worst is None else f"{reference[worst]!r} -> {captions[worst]!r}")
+    assert agreement >= MIN_AGREEMENT, [(reference[r], captions[r], gaps[r]) for r in differ]
+    return agreement
+
+
+def check_all(root: Path, device: torch.device, reference_device: torch.device = CPU) -> None:
+    """The whole check, outside pytest: `device` against `reference_device` (cpu against cpu for a dry run)."""
+    params = build_project(root)
+    reference = run_stages(params, root / "reference", reference_device)
+    other = run_stages(params, root / "device", device)
+    check_extraction(reference, other)
+    check_training(reference, reference_device, other, device)
+    expected, _ = decode(other, reference_device)
+    check_sentences(other, expected)
+    for name in ("fp32", "policy"):
+        captions, autocast_on = decode(other, device, name)
+        check_decoding(other, expected, captions, NEAR_TIE if autocast_on else 0.0, name)
+
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check on a GPU machine)")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("gpu-check")
+    return root, build_project(root)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(project) -> Config:
+    root, params = project
+    return run_stages(params, root / "cpu", CPU)
+
+
+@pytest.fixture(scope="module")
+def cuda_run(project) -> Config:
+    root, params = project
+    return run_stages(params, root / "cuda", CUDA)
+
+
+@pytest.fixture(scope="module")
+def cpu_captions(cuda_run) -> list[str]:
+    """The model trained on CUDA, decoded on the CPU in fp32: what CUDA decoding must reproduce."""
+    return decode(cuda_run, CPU)[0]
+
+
+def test_extraction_on_cuda_matches_the_cpu(cpu_run, cuda_run):
+    check_extraction(cpu_run, cuda_run)
+
+
+def test_training_on_cuda_matches_the_cpu(cpu_run, cuda_run):
+    check_training(cpu_run, CPU, cuda_run, CUDA)
+
+
+def test_decoded_captions_are_sentences_of_the_training_set(cuda_run, cpu_captions):
+    check_sentences(cuda_run, cpu_captions)
+
+
+@pytest.mark.parametrize("precision_name", ["fp32", "policy"])
+def test_decoding_on_cuda_matches_the_cpu(cuda_run, cpu_captions, precision_name):
+    captions, autocast_on = decode(cuda_run, CUDA, precision_name)
+    check_decoding(cuda_run, cpu_captions, captions, NEAR_TIE if autocast_on else 0.0, precision_name)
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as folder:
+        check_all(Path(folder), torch.device(sys.argv[1]) if len(sys.argv) > 1 else CPU)
