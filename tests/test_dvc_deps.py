@@ -1,0 +1,118 @@
+"""Each DVC stage lists exactly the code that can change its output, as a run of the stage shows it.
+
+Every stage's `cmd` from dvc.yaml runs on a small project, in dependency order, each in a fresh
+process as DVC runs it, under a global trace function that notes the source file of every
+function body called. A file of pipeline/ or stages/ counts only when code of one of its
+functions runs outside the import of a project module: the registries (models/, encoders/)
+import every model and encoder, and registering them is no stage's work, so the trace sees only
+the model and encoder a stage actually uses.
+
+A module that defines no function (constants, exception classes, plain dataclasses) has no code
+for a trace to see, so such a module counts whenever the stage imports it: its values may have
+been read. A package's `__init__` is not counted that way: it gathers its modules, and what code
+of its own runs is traced. Not seen: a module with functions of which a stage reads only constants.
+
+A stage's .py deps in dvc.yaml must equal that set: a missing file leaves stale outputs after it
+changes, an extra one re-runs the stage for nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import dump_config, load_config, yaml_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs `viclip ARGS...` as pipeline.cli.main() under the trace, then prints what ran and what was
+# imported (paths relative to the checkout) as JSON on its last stdout line.
+BOOTSTRAP = """
+import inspect, json, os, sys, threading
+
+root, args = sys.argv[1], sys.argv[2:]
+code = tuple(os.path.join(root, package, "") for package in ("pipeline", "stages"))
+ran = set()
+
+
+# Calls made while a project module is imported (registering a model, say) are no stage's work.
+def importing(frame):
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_code.co_filename.startswith(code):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def trace(frame, event, arg):
+    path = frame.f_code.co_filename
+    # CO_OPTIMIZED: a function body, not a module or class body. Returning None asks for no line events.
+    if path not in ran and path.startswith(code) and frame.f_code.co_flags & inspect.CO_OPTIMIZED \\
+            and not importing(frame):
+        ran.add(path)
+
+
+sys.argv = ["viclip", *args]
+sys.settrace(trace)
+threading.settrace(trace)
+from pipeline.cli import main
+
+try:
+    main()
+finally:  # the CLI ends with sys.exit, also on success
+    sys.settrace(None)
+    imported = {getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}
+    print(json.dumps({
+        "ran": sorted(os.path.relpath(p, root) for p in ran),
+        "imported": sorted(os.path.relpath(p, root) for p in imported if p.startswith(code)),
+    }))
+"""
+
+
+def defines_no_function(path: str) -> bool:
+    """Whether a module (not a package's `__init__`) holds only values: no code that a trace could see run."""
+    source = ROOT / path
+    if source.name == "__init__.py":
+        return False
+    tree = ast.parse(source.read_text(encoding="utf-8"), path)
+    return not any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) for node in ast.walk(tree))
+
+
+def stage_code(cmd: str, cwd: Path) -> set[str]:
+    """The code files the stage's command runs, or imports and could only read values from."""
+    program, *args = shlex.split(cmd)
+    assert program == "viclip", cmd
+    result = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(ROOT), *args],
+                            cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{cmd}:\n{result.stdout}{result.stderr}"
+    trace = json.loads(result.stdout.splitlines()[-1])
+    return set(trace["ran"]) | {path for path in trace["imported"] if defines_no_function(path)}
+
+
+def test_each_stage_lists_the_code_it_runs(project, subtests):
+    # Image decoding runs in the stage's own process, where the trace sees it, not in untraced workers.
+    params = load_config(project / "params.yaml").model_dump()
+    params["extract"]["num_workers"] = 0
+    (project / "params.yaml").write_text(dump_config(params))
+
+    stages = yaml_parser().load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    # dvc.yaml lists the stages in dependency order.
+    code = {name: stage_code(stage["cmd"], project) for name, stage in stages.items()}
+
+    # The trace tells the models and encoders apart; were it to see every registry entry, or
+    # nothing, the comparison below would prove little.
+    assert "pipeline/models/viclipcap/captioner.py" in code["train_viclipcap"]
+    assert "pipeline/models/cnn_lstm.py" not in code["train_viclipcap"]
+    assert "pipeline/encoders/cnn.py" in code["extract_cnn"]
+    assert "pipeline/encoders/clip.py" not in code["extract_cnn"]
+
+    for name, stage in stages.items():
+        with subtests.test(stage=name):
+            listed = {dep for dep in stage["deps"] if dep.endswith(".py")}
+            assert listed == code[name], (
+                f"missing: {sorted(code[name] - listed)}; listed but unused: {sorted(listed - code[name])}"
+            )
