@@ -1,6 +1,9 @@
 # Set up the environment once (.venv, pinned by requirements.lock), then run the demo or the tests.
 # A supported CPython that is here (3.11 to 3.13, the oldest first); requirements.lock resolves for each.
-PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+ifndef PYTHON
+PYTHON := $(shell for p in python3.11 python3.12 python3.13 python3; do \
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null && { echo $$p; break; }; done)
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
@@ -8,6 +11,7 @@ export DVC_NO_ANALYTICS := 1
 .PHONY: demo test bench gpu-check lock clean
 
 $(BIN)/viclip: requirements.lock pyproject.toml
+	@test -n "$(PYTHON)" || { echo "no Python 3.11, 3.12 or 3.13 found: install one, or name it: make PYTHON=..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -r requirements.lock

@@ -51,7 +51,7 @@ def train_step(
 @torch.no_grad()
 def beam_search(captioner: Captioner, embedding: torch.Tensor, beam_size: int, max_length: int) -> list[int]:
     """One image; every step runs the LM over the whole sequence so far, for every beam."""
-    lm, eos = captioner.lm.model, captioner.stop_id
+    lm, stop = captioner.lm.model, captioner.stop_id
     embed = lm.get_input_embeddings()
     sequence = captioner.prefix(embedding.unsqueeze(0))  # (1, k, W), then (beams, k + t, W)
     scores = torch.zeros(1, device=embedding.device)
@@ -62,13 +62,13 @@ def beam_search(captioner: Captioner, embedding: torch.Tensor, beam_size: int, m
         logp = lm(inputs_embeds=sequence).logits[:, -1].softmax(-1).log()  # (beams, V)
         logp[:, list(captioner.banned_ids)] = float("-inf")  # as viclip: tokens no caption can hold
         logp[stopped] = float("-inf")
-        logp[stopped, eos] = 0.0
+        logp[stopped, stop] = 0.0
         total = scores.unsqueeze(1) + logp
         grown = lengths + (~stopped).float()
         best, chosen = (total / grown.unsqueeze(1)).view(-1).topk(beam_size)
         source, token = chosen // logp.shape[1], chosen % logp.shape[1]
         scores, lengths = total.view(-1)[chosen], grown[source]
-        stopped = stopped[source] | (token == eos)
+        stopped = stopped[source] | (token == stop)
         tokens = torch.cat([tokens[source], token.unsqueeze(1)], dim=1)
         sequence = torch.cat([sequence[source], embed(token).unsqueeze(1)], dim=1)
         if stopped.all():

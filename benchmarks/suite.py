@@ -24,7 +24,7 @@ from pipeline.encoders import encode_files
 from pipeline.features import FeatureStore
 from pipeline.metrics import score_captions
 from pipeline.config import TrainSettings
-from pipeline.devices import autocast, precision
+from pipeline.devices import autocast
 from pipeline.training import CaptionSet, Optimisation, train_epoch
 
 # (viclip, reference) workload sizes, in images, per device type.
@@ -61,11 +61,15 @@ def caption_set(captions: workload.Captions, captioner, device: torch.device) ->
     return CaptionSet.build(captions.records, store, captions.encode, captioner.max_tokens, device)
 
 
-def _viclip_epoch(captioner, data: CaptionSet) -> None:
+def _optimisation(captioner, data: CaptionSet) -> Optimisation:
+    """viclip's optimiser, scheduler and precision policy, at ClipCap's learning rate, over one epoch."""
     settings = TrainSettings(epochs=1, patience=1, batch_size=_batch_size(), lr=2e-5, weight_decay=0.0,
                              warmup_steps=0, grad_clip=None)
-    optimisation = Optimisation.build(captioner, settings, -(-len(data) // _batch_size()), data.tokens.device)
-    train_epoch(captioner, data, _batch_size(), optimisation, torch.Generator().manual_seed(0), "train")
+    return Optimisation.build(captioner, settings, -(-len(data) // _batch_size()), data.tokens.device)
+
+
+def _viclip_epoch(captioner, data: CaptionSet) -> None:
+    train_epoch(captioner, data, _batch_size(), _optimisation(captioner, data), torch.Generator().manual_seed(0), "train")
 
 
 def _padded(captions: workload.Captions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,17 +151,15 @@ def scaling_train(device: torch.device, impl: str, images: int, steps: int = 2) 
     """A few training steps drawn from a store of `images` images, kept on the device."""
     captioner = workload.captioner(device)
     data = caption_set(workload.captions(images), captioner, device)
-    optimizer = torch.optim.AdamW(captioner.parameters(), lr=2e-5)
+    optimisation = _optimisation(captioner, data)
 
     def some_steps() -> None:
         captioner.train()
         batches = data.batches(_batch_size(), torch.Generator().manual_seed(0))
         for _, (features, tokens, mask) in zip(range(steps), batches):
-            with autocast(device, precision(device)):
+            with autocast(device, optimisation.policy):
                 loss = captioner.loss(features, tokens, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimisation.step(captioner, loss)
 
     some_steps()  # warm-up
     return some_steps, {"steps": steps, "captions": len(data), "store_mb": _megabytes(data)}

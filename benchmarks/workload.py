@@ -28,7 +28,7 @@ from pipeline.models.viclipcap.mapper import build_mapper
 CAPTIONS_PER_IMAGE = 5
 TEST_IMAGES = 558  # KTVIC's test split
 IMAGE_SIZE = (640, 480)
-TOKENS = (19, 32)  # caption length in BPE tokens, end-of-text included: 15-25 syllables
+TOKENS = (19, 32)  # caption length in BPE tokens, the stop included: 15-25 syllables
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +86,7 @@ class Captions:
 
     records: list[ImageRecord]
     embeddings: np.ndarray  # (N, 512)
-    tokens: dict[str, list[int]]  # caption text -> token ids (end-of-text included)
+    tokens: dict[str, list[int]]  # caption text -> token ids (the stop included)
 
     def encode(self, captions: list[str]) -> list[list[int]]:
         return [self.tokens[c] for c in captions]

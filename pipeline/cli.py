@@ -89,7 +89,7 @@ def score(
 ) -> None:
     """Stage 3: decode the test split with a trained model and score it (or score --captions FILE)."""
     from pipeline.io import write_json
-    from pipeline.metrics import format_table
+    from pipeline.metrics import METRICS, format_table
     from stages import score as stage
 
     _choice("--model", model, MODELS)
@@ -100,12 +100,14 @@ def score(
         else:
             metrics = stage.score_file(config, captions)
             summary = f"score: {metrics['images']} test images from {captions}"
+            if metrics["dropped"]:
+                summary += f", {metrics['dropped']} captions dropped (images skipped at extraction)"
             if out is not None:
                 write_json(out, metrics)
                 summary += f" -> {out}"
         typer.echo(format_table({metrics["model"]: metrics}))
-        for metric, reason in metrics["notes"].items():
-            typer.echo(f"{metric}: n/a, {reason}")
+        for key, note in metrics["notes"].items():
+            typer.echo(f"{key}: n/a, {note}" if key in METRICS else f"{key}: {note}")
         typer.echo(summary)
 
 

@@ -95,7 +95,7 @@ class TrainConfig(_Section):
 
 class ScoreConfig(_Section):
     beam_size: int = Field(gt=0)
-    max_length: int = Field(gt=0)  # caption tokens, end-of-text included
+    max_length: int = Field(gt=0)  # caption tokens, the stop included
     length_penalty: float = Field(ge=0)  # beams ranked by log-prob / length ** length_penalty
     batch_size: int = Field(gt=0)  # images decoded at once
     out: str  # metrics go to OUT/<model>.json, captions to OUT/<model>.captions.json
@@ -140,14 +140,26 @@ def parse_config(raw: Any, source: str = "params") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        if first["type"] == "extra_forbidden":
-            raise ViclipError(f"{source}: unknown key '{key}'") from None
-        if first["type"] == "missing":
-            raise ViclipError(f"{source}: missing key '{key}'") from None
-        got = first.get("input")
-        raise ViclipError(f"{source}: key '{key}': {first['msg']} (got {got!r})") from None
+        raise ViclipError(_one_line(error, source)) from None
+
+
+def parse_section(name: str, raw: Any, source: str) -> BaseModel:
+    """One params section (as a model directory records it), as strict as params.yaml."""
+    try:
+        return Config.model_fields[name].annotation.model_validate(raw)
+    except ValidationError as error:
+        raise ViclipError(_one_line(error, source, (name,))) from None
+
+
+def _one_line(error: ValidationError, source: str, within: tuple[str, ...] = ()) -> str:
+    """The first problem, naming its key."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in (*within, *first["loc"]))
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    if first["type"] == "missing":
+        return f"{source}: missing key '{key}'"
+    return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
 
 
 def dump_config(config: Config | dict) -> str:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ScoreConfig
+from pipeline.errors import ViclipError
 from pipeline.models.base import CaptionModel
 
 
@@ -94,7 +95,9 @@ def caption_features(
 ) -> Captions:
     """Captions for (N, ...) image features, decoded `settings.batch_size` images at a time."""
     # The LM's context holds the prefix and the caption: never ask for positions it does not have.
-    limit = min(settings.max_length, model.max_tokens or settings.max_length)
+    limit = settings.max_length if model.max_tokens is None else min(settings.max_length, model.max_tokens)
+    if limit < 1:
+        raise ViclipError(f"the LM's context holds no caption token after the prefix ({model.max_tokens} positions left)")
     texts: list[str] = []
     unfinished = 0
     for batch in tqdm(features.split(settings.batch_size), desc=description, unit="batch", disable=None):

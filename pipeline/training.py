@@ -31,7 +31,7 @@ class CaptionSet:
 
     features: torch.Tensor  # (N, ...) one row of features per image
     image_rows: torch.Tensor  # (M,) the image row of each caption
-    tokens: torch.Tensor  # (M, T) right-padded token ids, end-of-text included
+    tokens: torch.Tensor  # (M, T) right-padded token ids, the stop included
     lengths: torch.Tensor  # (M,) real tokens per caption
 
     @classmethod
@@ -111,9 +111,11 @@ class Optimisation:
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # skipped where fp16 gradients overflowed
         self.scaler.update()
-        self.scheduler.step()
+        if self.scaler.get_scale() >= scale:  # the scale drops only after a skipped step
+            self.scheduler.step()
 
 
 def train_epoch(

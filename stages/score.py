@@ -14,7 +14,7 @@ from pipeline.data import load_splits
 from pipeline.decoding import caption_features
 from pipeline.devices import best_device
 from pipeline.errors import ViclipError
-from pipeline.features import open_store
+from pipeline.features import FeatureStore, open_store
 from pipeline.io import read_json, write_json
 from pipeline.metrics import PROTOCOL, score_captions
 from pipeline.models import family, load_model
@@ -43,6 +43,12 @@ def read_results(path: str | Path) -> dict[int, str]:
     return results
 
 
+def stored(references: dict[int, list[str]], store: FeatureStore) -> dict[int, list[str]]:
+    """The references of the images in `store`: those `viclip score` decodes (extraction may skip some)."""
+    ids = set(store.image_ids.tolist())
+    return {i: refs for i, refs in references.items() if i in ids}
+
+
 def report(scores: dict, notes: dict, model: str, images: int, **extra) -> dict:
     return {**scores, "model": model, "split": "test", "images": images, **extra, "protocol": PROTOCOL, "notes": notes}
 
@@ -57,9 +63,9 @@ def score_file(config: Config, captions_file: str | Path) -> dict:
     dropped: list[int] = []
     store = paths.store_path(config, "test")
     if store.is_file():
-        stored = set(open_store(store, {}).image_ids.tolist())
-        dropped = [i for i in predictions if i in references and i not in stored]
-        references = {i: refs for i, refs in references.items() if i in stored}
+        scored = stored(references, open_store(store, {}))
+        dropped = [i for i in predictions if i in references and i not in scored]
+        references = scored
         predictions = {i: c for i, c in predictions.items() if i not in dropped}
     scores, notes = score_captions(references, predictions, source=str(captions_file))
     return report(scores, notes, Path(captions_file).name, len(references), dropped=len(dropped))
@@ -77,8 +83,7 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
     captions = caption_features(model, torch.from_numpy(store.embeddings).to(device), config.score)
     results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, captions.texts)]
     predictions = {r["image_id"]: r["caption"] for r in results}
-    skipped = set(store.attrs.get("skipped_ids", []))
-    scored = {i: refs for i, refs in references.items() if i not in skipped}
+    scored = stored(references, store)
     scores, notes = score_captions(scored, predictions, source=str(store.path))
     if captions.clamped_from is not None:
         notes["max_length"] = (

@@ -259,7 +259,8 @@ def test_score_records_unfinished_captions_and_warns(project):
 def test_max_length_is_capped_by_the_lm_context(project):
     assert invoke("extract").exit_code == 0 and invoke("train").exit_code == 0
     edit_params(project, "score", "max_length", 10_000)
-    assert invoke("score").exit_code == 0
+    result = invoke("score")
+    assert result.exit_code == 0 and "\nmax_length: score.max_length 10000 capped at" in result.output
     metrics = json.loads((project / "artifacts/metrics/viclipcap.json").read_text())
     config = load_config(project / "params.yaml")
     lm_config = json.loads((Path(config.lm.name) / "config.json").read_text())
@@ -282,3 +283,4 @@ def test_score_captions_leaves_out_images_that_extraction_skipped(project):
     assert result.exit_code == 0, result.output
     stored = json.loads((project / "stored.json").read_text())
     assert stored["images"] == 3 and stored["dropped"] == 1
+    assert "3 test images from results.json, 1 captions dropped (images skipped at extraction)" in result.output

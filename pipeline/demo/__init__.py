@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from contextlib import chdir
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ from pipeline.data import find_layout, load_splits, read_annotations
 from pipeline.demo.synthetic import caption_groups, make_dataset
 from pipeline.demo.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cnn, make_tiny_lm
 from pipeline.errors import ViclipError
-from pipeline.io import write_json, write_text
+from pipeline.io import read_json, write_json, write_text
 from pipeline.metrics import format_table
 from pipeline.report import COLUMNS
+from pipeline.text import tokenize
 from stages.score import score_file
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -116,6 +118,12 @@ def blind_captions(workdir: Path) -> Path:
     return path
 
 
+def mean_length(captions: Iterable[str]) -> float:
+    """Mean syllables per caption, as the scoring protocol counts them."""
+    counts = [len(tokenize(caption).split()) for caption in captions]
+    return sum(counts) / len(counts)
+
+
 def run_demo(workdir: Path) -> None:
     workdir = workdir.resolve()
     if not (workdir / "params.yaml").is_file():
@@ -128,8 +136,13 @@ def run_demo(workdir: Path) -> None:
         # Columns in the published table's order: the baseline first.
         scores = {m: json.loads(paths.metrics_path(config, m).read_text(encoding="utf-8")) for m, _ in COLUMNS}
         scores["blind"] = score_file(config, blind_captions(workdir).name)
+        lengths = {m: mean_length(c["caption"] for c in read_json(paths.captions_path(config, m))) for m, _ in COLUMNS}
+        lengths["references"] = mean_length(c for r in load_splits(config.data)["test"] for c in r.captions)
     first = scores[paths.MODEL]
     print(f"\nKTVIC-layout synthetic test split, {first['images']} images; protocol: {first['protocol']['tokenisation']}")
     print(format_table(scores))
     print("blind = the most frequent training caption for every image")
+    print(f"captions that never stopped (of {first['images']}): "
+          + ", ".join(f"{m} {scores[m]['unfinished']}" for m, _ in COLUMNS))
+    print("mean caption length (syllables): " + ", ".join(f"{k} {v:.1f}" for k, v in lengths.items()))
     print(f"comparison table and chart: {workdir / paths.report_path(config)}, {workdir / paths.chart_path(config)}")

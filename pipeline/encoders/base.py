@@ -38,8 +38,8 @@ class EncoderFamily:
 REGISTRY: dict[str, EncoderFamily] = {}  # filled by each encoder module as it is imported
 
 
-def register(name: str, attrs: Callable[[Any], dict[str, Any]], load: Callable[[Any, torch.device], ImageEncoder]) -> None:
-    REGISTRY[name] = EncoderFamily(attrs, load)
+def register(name: str, family: EncoderFamily) -> None:
+    REGISTRY[name] = family
 
 
 def encoding_precision(device: torch.device) -> Precision:

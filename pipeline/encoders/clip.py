@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.config import ClipConfig
 from pipeline.devices import Precision, autocast
-from pipeline.encoders.base import encoding_precision, register, weights_id
+from pipeline.encoders.base import EncoderFamily, encoding_precision, register, weights_id
 from pipeline.errors import ViclipError
 
 
@@ -74,4 +74,4 @@ def load_clip(config: ClipConfig, device: torch.device) -> ClipEncoder:
     return ClipEncoder(model, preprocess, config.normalize, encoding_precision(device))
 
 
-register("clip", clip_attrs, load_clip)
+register("clip", EncoderFamily(clip_attrs, load_clip))

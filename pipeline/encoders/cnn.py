@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.config import CnnConfig
 from pipeline.devices import Precision, autocast
-from pipeline.encoders.base import encoding_precision, register, weights_id
+from pipeline.encoders.base import EncoderFamily, encoding_precision, register, weights_id
 from pipeline.errors import ViclipError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -130,4 +130,4 @@ def load_cnn(config: CnnConfig, device: torch.device) -> CnnEncoder:
     return CnnEncoder(trunk, config.grid, preprocess, encoding_precision(device))
 
 
-register("cnn", cnn_attrs, load_cnn)
+register("cnn", EncoderFamily(cnn_attrs, load_cnn))

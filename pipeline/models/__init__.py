@@ -12,8 +12,9 @@ A model directory holds only what was trained:
   *.safetensors  the trained weights (the mapper, or the whole LSTM decoder)
   vocab.json     the baseline's syllable vocabulary
   config.json    what to rebuild around them: the feature-store attributes the
-                 model was trained on, the params sections that define it, and
-                 how training went
+                 model was trained on, the params sections that define it, what
+                 else a reloaded model must match (ViCLIPCap: the LM's
+                 fingerprint), and how training went
   params.yaml    the resolved params of the run that produced it
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from pipeline.config import Config
+from pipeline.config import Config, parse_section
 from pipeline.errors import ViclipError
 from pipeline.models import cnn_lstm, viclipcap  # noqa: F401  (each registers itself)
 from pipeline.models.base import REGISTRY, CaptionModel, Family
@@ -68,10 +69,11 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         if raw["model"] not in MODELS:
             raise ViclipError(f"{path}: unknown model {raw['model']!r}")
         names = family(raw["model"]).sections
-        sections = {name: Config.model_fields[name].annotation.model_validate(raw[name]) for name in names}
+        # A section from an older viclip (before lm.stop, say) names the key it lacks.
+        sections = {name: parse_section(name, raw[name], f"{path} (train again?)") for name in names}
         known = {"format", "model", "encoder", *names}
         return ModelSpec(raw["model"], raw["encoder"], sections, {k: v for k, v in raw.items() if k not in known})
-    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ViclipError(f"{path}: malformed model config ({str(error).splitlines()[0]})") from None
 
 
@@ -83,7 +85,8 @@ def spec_for(name: str, config: Config, encoder: dict[str, Any], extra: dict[str
 def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionModel, ModelSpec]:
     """Rebuild exactly the model that was trained, whichever it is, in eval mode."""
     spec = read_spec(model_dir)
-    model = family(spec.name).load(Path(model_dir), spec.sections, spec.encoder, device)
+    model = family(spec.name).rebuild(Path(model_dir), spec.sections, spec.encoder, device)
+    # Checked before the weights: weights that do not fit another LM are a symptom, this is the cause.
     for key, now in model.record().items():
         then = spec.extra.get(key) or {}
         differ = [k for k in sorted({*then, *now}) if then.get(k) != now.get(k)]
@@ -93,4 +96,5 @@ def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionMode
                 + "; ".join(f"{k} was {then.get(k)!r}, now {now.get(k)!r}" for k in differ)
                 + ". Train again, or load the one it was trained against"
             )
-    return model, spec
+    model.restore(Path(model_dir))
+    return model.eval(), spec

@@ -51,15 +51,20 @@ class CaptionModel(nn.Module):
         """Write the trained weights, and whatever else rebuilds the model, into `directory`."""
         raise NotImplementedError
 
+    def restore(self, directory: Path) -> None:
+        """Load the trained weights that `save` wrote into `directory`."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Family:
-    """One model's recipe: what it reads, what defines it, how to build it fresh and load it trained."""
+    """One model's recipe: what it reads, what defines it, how to build it fresh for training, and how to
+    rebuild a trained one's shape from its model directory (its weights are then `restore`d)."""
 
     encoder: str  # the feature store it reads: clip or cnn
     sections: tuple[str, ...]  # the params sections that define it, recorded in config.json
     build: Callable[[Config, Sequence[ImageRecord], dict[str, Any], torch.device], CaptionModel]
-    load: Callable[[Path, dict[str, BaseModel], dict[str, Any], torch.device], CaptionModel]
+    rebuild: Callable[[Path, dict[str, BaseModel], dict[str, Any], torch.device], CaptionModel]
 
 
 def trainable_parameters(module: nn.Module) -> int:

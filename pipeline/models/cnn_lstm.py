@@ -173,6 +173,9 @@ class ShowAttendTell(CaptionModel):
         save_weights(self, directory / WEIGHTS)
         self.vocab.save(directory / VOCAB)
 
+    def restore(self, directory: Path) -> None:
+        load_weights(self, directory / WEIGHTS)
+
 
 def build(
     config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any], device: torch.device
@@ -182,12 +185,11 @@ def build(
     return ShowAttendTell(vocab, encoder["embedding_dim"], config.lstm).to(device)
 
 
-def load(
+def rebuild(
     model_dir: Path, sections: dict[str, BaseModel], encoder: dict[str, Any], device: torch.device
 ) -> ShowAttendTell:
     model = ShowAttendTell(Vocabulary.load(model_dir / VOCAB), encoder["embedding_dim"], sections["lstm"])
-    load_weights(model, model_dir / WEIGHTS)
-    return model.to(device).eval()
+    return model.to(device)
 
 
-register("cnn_lstm", Family("cnn", ("cnn", "lstm"), build, load))
+register("cnn_lstm", Family("cnn", ("cnn", "lstm"), build, rebuild))

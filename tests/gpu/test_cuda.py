@@ -1,7 +1,7 @@
 """extract, train and decode on CUDA through the real stage code, each against the same work on the CPU.
 
-Run by `make gpu-check` on a GPU machine; skipped wherever CUDA is absent (CI, the CPU suite). The
-project is small and built here: a synthetic KTVIC-layout dataset (200 train, 40 test images), the
+Run by `make gpu-check` on a GPU machine; the CUDA tests are skipped wherever CUDA is absent (CI,
+the CPU suite), where one test runs the same check CPU against CPU instead. The project is small and built here: a synthetic KTVIC-layout dataset (200 train, 40 test images), the
 demo's tiny CLIP and tiny GPT-2 (pre-trained on the CPU in this run), the demo's params. It uses no
 DVC and no scorer (pycocoevalcap, Java), so it runs on a stock PyTorch image.
 
@@ -260,7 +260,13 @@ def check_all(root: Path, device: torch.device, reference_device: torch.device =
         check_decoding(other, expected, captions, NEAR_TIE if autocast_on else 0.0, name)
 
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check on a GPU machine)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check on a GPU machine)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests below run the same check for real")
+def test_the_check_itself_runs_cpu_against_cpu(tmp_path):
+    """CI has no GPU: this keeps the check's own code running against today's pipeline."""
+    check_all(tmp_path, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -287,18 +293,22 @@ def cpu_captions(cuda_run) -> list[str]:
     return decode(cuda_run, CPU)[0]
 
 
+@cuda
 def test_extraction_on_cuda_matches_the_cpu(cpu_run, cuda_run):
     check_extraction(cpu_run, cuda_run)
 
 
+@cuda
 def test_training_on_cuda_matches_the_cpu(cpu_run, cuda_run):
     check_training(cpu_run, CPU, cuda_run, CUDA)
 
 
+@cuda
 def test_decoded_captions_are_sentences_of_the_training_set(cuda_run, cpu_captions):
     check_sentences(cuda_run, cpu_captions)
 
 
+@cuda
 @pytest.mark.parametrize("precision_name", ["fp32", "policy"])
 def test_decoding_on_cuda_matches_the_cpu(cuda_run, cpu_captions, precision_name):
     captions, autocast_on = decode(cuda_run, CUDA, precision_name)

@@ -90,6 +90,9 @@ class Captioner(CaptionModel):
     def save(self, directory: Path) -> None:
         save_weights(self.mapper, directory / WEIGHTS)
 
+    def restore(self, directory: Path) -> None:
+        load_weights(self.mapper, directory / WEIGHTS)
+
 
 def build(config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any], device: torch.device) -> Captioner:
     """A fresh mapper sized from the stored embeddings and the LM, in front of the frozen LM."""
@@ -97,11 +100,9 @@ def build(config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any
     return Captioner(build_mapper(config.mapper, encoder["embedding_dim"], lm.width).to(device), lm)
 
 
-def load(model_dir: Path, sections: dict[str, BaseModel], encoder: dict[str, Any], device: torch.device) -> Captioner:
+def rebuild(model_dir: Path, sections: dict[str, BaseModel], encoder: dict[str, Any], device: torch.device) -> Captioner:
     lm = load_lm(sections["lm"].name, sections["lm"].stop, device)
-    mapper = build_mapper(sections["mapper"], encoder["embedding_dim"], lm.width)
-    load_weights(mapper, model_dir / WEIGHTS)
-    return Captioner(mapper.to(device).eval(), lm)
+    return Captioner(build_mapper(sections["mapper"], encoder["embedding_dim"], lm.width).to(device), lm)
 
 
-register("viclipcap", Family("clip", ("clip", "lm", "mapper"), build, load))
+register("viclipcap", Family("clip", ("clip", "lm", "mapper"), build, rebuild))

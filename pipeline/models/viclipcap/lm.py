@@ -28,8 +28,10 @@ from pipeline.errors import ViclipError
 END_OF_TEXT_CANDIDATES = ("</s>", "<|endoftext|>")
 # Any caption's last syllable: what the stop text follows when the tokenizer meets it.
 CAPTION_END = "một"
-# Config keys that say how a checkpoint was saved, not which LM it is.
-UNSAVED = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures")
+# What makes an LM the one a mapper was trained against; not how it was saved (dtype, library
+# version), nor defaults that another transformers version may fill in differently.
+ARCHITECTURE = ("model_type", "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
+                "num_attention_heads", "tie_word_embeddings")
 
 
 @dataclass
@@ -71,9 +73,9 @@ class LanguageModel:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a trained mapper depends on: recorded in the model directory, checked when it is loaded."""
-        config = {k: v for k, v in self.model.config.to_dict().items() if k not in UNSAVED}
+        config = {key: getattr(self.model.config, key, None) for key in ARCHITECTURE}
         return {
-            "tokenizer": _digest([sorted(self.tokenizer.get_vocab().items()), self.tokenizer.special_tokens_map]),
+            "tokenizer": _digest([sorted(self.tokenizer.get_vocab().items()), sorted(self.tokenizer.all_special_tokens)]),
             "config": _digest(config),
             "embedding_rows": self.vocab_size,
             "width": self.width,
