@@ -53,7 +53,8 @@ def test_one_models_training_params_rerun_only_its_branch(demo_copy, model, othe
 
 def test_outputs_record_what_produced_them(demo):
     model_config = json.loads((demo / "artifacts/models/viclipcap/config.json").read_text())
-    assert model_config["lm"] == {"name": "models/lm"}
+    assert model_config["lm"] == {"name": "models/lm", "stop": "."}
+    assert model_config["lm_fingerprint"]["stop"] == "." and model_config["precision"]
     assert model_config["encoder"]["model"] == "viclip-tiny-vit"
     assert model_config["encoder"]["pretrained"].startswith("sha256:")
     assert model_config["mapper"]["type"] == "transformer"
