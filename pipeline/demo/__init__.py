@@ -12,19 +12,18 @@ Everything goes under the work directory, a self-contained DVC project:
 from __future__ import annotations
 
 import collections
-import json
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import chdir
 from collections.abc import Iterable
+from contextlib import chdir
 from pathlib import Path
 from typing import Any
 
 from pipeline import paths
 from pipeline.config import yaml_parser, dump_config, load_config, parse_config
-from pipeline.data import find_layout, load_splits, read_annotations
+from pipeline.data import ImageRecord, find_layout, load_splits, read_annotations
 from pipeline.demo.synthetic import caption_groups, make_dataset
 from pipeline.demo.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cnn, make_tiny_lm
 from pipeline.errors import ViclipError
@@ -107,11 +106,8 @@ def dvc(workdir: Path, *args: str) -> str:
     return result.stdout
 
 
-def blind_captions(workdir: Path) -> Path:
+def blind_captions(workdir: Path, splits: dict[str, list[ImageRecord]]) -> Path:
     """A results file giving every test image the most frequent training caption."""
-    config = load_config(workdir / "params.yaml")
-    with chdir(workdir):
-        splits = load_splits(config.data)
     top = collections.Counter(c for r in splits["train"] for c in r.captions).most_common(1)[0][0]
     path = workdir / "blind.captions.json"
     write_json(path, [{"image_id": r.image_id, "caption": top} for r in splits["test"]])
@@ -133,11 +129,12 @@ def run_demo(workdir: Path) -> None:
     sys.stdout.write(dvc(workdir, "repro"))
     config = load_config(workdir / "params.yaml")
     with chdir(workdir):
+        splits = load_splits(config.data)
         # Columns in the published table's order: the baseline first.
-        scores = {m: json.loads(paths.metrics_path(config, m).read_text(encoding="utf-8")) for m, _ in COLUMNS}
-        scores["blind"] = score_file(config, blind_captions(workdir).name)
+        scores = {m: read_json(paths.metrics_path(config, m)) for m, _ in COLUMNS}
+        scores["blind"] = score_file(config, blind_captions(workdir, splits).name)
         lengths = {m: mean_length(c["caption"] for c in read_json(paths.captions_path(config, m))) for m, _ in COLUMNS}
-        lengths["references"] = mean_length(c for r in load_splits(config.data)["test"] for c in r.captions)
+        lengths["references"] = mean_length(c for r in splits["test"] for c in r.captions)
     first = scores[paths.MODEL]
     print(f"\nKTVIC-layout synthetic test split, {first['images']} images; protocol: {first['protocol']['tokenisation']}")
     print(format_table(scores))
