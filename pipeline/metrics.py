@@ -1,9 +1,12 @@
-"""Caption metrics under one stated protocol, for every model and every results file.
+"""Caption metrics under the stated protocols, for every model and every results file.
 
-Protocol: Unicode NFC, lowercase, punctuation stripped, split on whitespace
-(syllables, as KTVIC's `caption` field is written); then the raw pycocoevalcap
-1.2 scorers, without the English PTB tokenizer. CIDEr's IDF comes from the
+Each protocol (pipeline.protocols: syllables, or underthesea's words) tokenises references
+and candidates alike; then the raw pycocoevalcap 1.2 scorers run, without the English PTB
+tokenizer, and SPICE runs directly on the JVM (pipeline.spice). CIDEr's IDF comes from the
 references being scored, so a score belongs to the whole split scored.
+
+A metrics file keeps the syllable figures at its top level (as `dvc metrics` and older
+readers expect) and the word figures in a nested `word` block; `blocks` reads them back.
 """
 
 from __future__ import annotations
@@ -12,37 +15,22 @@ import contextlib
 import io
 import os
 import shutil
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any
 
 from pipeline.errors import ViclipError
-from pipeline.text import tokenize
+from pipeline.protocols import PROTOCOLS, Protocol
+from pipeline.spice import SpiceFailed, error_line, spice
 
 METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
-
-PROTOCOL = {
-    "tokenisation": "NFC, lowercase, punctuation stripped, whitespace-split syllables (no PTB tokenizer)",
-    "scorers": "pycocoevalcap 1.2: BLEU-1..4, METEOR 1.5, ROUGE-L, CIDEr-D, SPICE 1.0",
-}
+SYLLABLE = (PROTOCOLS["syllable"],)
 
 
 def _quiet(scorer: Any, gts: dict, res: dict) -> Any:
     # pycocoevalcap prints progress to stdout; keep ours clean.
     with contextlib.redirect_stdout(io.StringIO()):
         return scorer.compute_score(gts, res)[0]
-
-
-def spice_jars_missing() -> str | None:
-    """Why SPICE can't run here, or None if its Stanford CoreNLP jars are in place."""
-    from pycocoevalcap import spice
-
-    lib = Path(spice.__file__).parent / "lib"
-    needed = [lib / "stanford-corenlp-3.6.0.jar", lib / "stanford-corenlp-3.6.0-models.jar"]
-    absent = [p.name for p in needed if not p.is_file()]
-    if absent:
-        return f"SPICE needs Stanford CoreNLP 3.6.0 ({', '.join(absent)}) in {lib}; it is downloaded on first use and cannot be fetched offline"
-    return None
 
 
 def score_tokenized(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> tuple[dict[str, float | None], dict[str, str]]:
@@ -57,27 +45,25 @@ def score_tokenized(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> tup
     scores.update({f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
     scores["rouge_l"] = float(_quiet(Rouge(), gts, res))
     scores["cider"] = float(_quiet(Cider(), gts, res))
-    scores["meteor"], notes_meteor = _java_metric("meteor", gts, res)
-    scores["spice"], notes_spice = _java_metric("spice", gts, res)
+    scores["meteor"], notes_meteor = _meteor(gts, res)
+    try:
+        scores["spice"], notes_spice = spice(gts, res), None
+    except SpiceFailed as failure:
+        scores["spice"], notes_spice = None, str(failure)
     notes.update({k: v for k, v in (("meteor", notes_meteor), ("spice", notes_spice)) if v})
     return {name: scores[name] for name in METRICS}, notes
 
 
-def _java_metric(name: str, gts: dict, res: dict) -> tuple[float | None, str | None]:
-    if shutil.which("java") is None:
-        return None, f"{name.upper()} runs a Java jar and no `java` is on PATH"
-    if name == "spice":
-        missing = spice_jars_missing()
-        if missing:
-            return None, missing
-        from pycocoevalcap.spice.spice import Spice as scorer
-    else:
-        from pycocoevalcap.meteor.meteor import Meteor as scorer
+@cache
+def _meteor_jar() -> Any:
+    """METEOR's JVM, started once per process: it takes seconds to load, and each protocol scores with it."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
     # Java 17 reads stdin in the locale's charset; Vietnamese needs UTF-8 whatever the locale.
     saved = os.environ.get("JAVA_TOOL_OPTIONS")
     os.environ["JAVA_TOOL_OPTIONS"] = "-Dfile.encoding=UTF-8 -Dstdin.encoding=UTF-8"
     try:
-        return float(_quiet(scorer(), gts, res)), None
+        return Meteor()
     finally:
         if saved is None:
             del os.environ["JAVA_TOOL_OPTIONS"]
@@ -85,19 +71,71 @@ def _java_metric(name: str, gts: dict, res: dict) -> tuple[float | None, str | N
             os.environ["JAVA_TOOL_OPTIONS"] = saved
 
 
+def _meteor(gts: dict, res: dict) -> tuple[float | None, str | None]:
+    if shutil.which("java") is None:
+        return None, "METEOR runs a Java jar and no `java` is on PATH"
+    meteor = _meteor_jar()
+    try:
+        return float(_quiet(meteor, gts, res)), None
+    except (OSError, ValueError):  # the jar died: its pipe broke or went silent
+        _meteor_jar.cache_clear()
+        # The wrapper keeps its lock on an error, and its __del__ waits for that lock: free it, or
+        # collecting the wrapper hangs the process.
+        if meteor.lock.locked():
+            meteor.lock.release()
+        meteor.meteor_p.kill()
+        said = meteor.meteor_p.stderr.read().decode(errors="replace")
+        return None, f"METEOR's jar stopped answering: {error_line(said)}"
+
+
 def score_captions(
-    references: Mapping[int, list[str]], predictions: Mapping[int, str], source: str = "captions"
-) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Score one caption per image against its references, under the protocol above."""
+    references: Mapping[int, list[str]],
+    predictions: Mapping[int, str],
+    protocols: Sequence[Protocol] = SYLLABLE,
+    source: str = "captions",
+) -> dict[str, dict[str, Any]]:
+    """Score one caption per image against its references under each protocol:
+    {protocol name: {metric: value, "protocol": what was done, "notes": why a metric is None}}."""
     unknown = sorted(set(predictions) - set(references))
     missing = sorted(set(references) - set(predictions))
     if unknown:
         raise ViclipError(f"{source}: {len(unknown)} unknown image ids: {_listing(unknown)}")
     if missing:
         raise ViclipError(f"{source}: no caption for {len(missing)} test images: {_listing(missing)}")
-    gts = {i: [tokenize(r) for r in references[i]] for i in references}
-    res = {i: [tokenize(predictions[i])] for i in references}
-    return score_tokenized(gts, res)
+    blocks = {}
+    for protocol in protocols:
+        gts = {i: [protocol.tokenize(r) for r in references[i]] for i in references}
+        res = {i: [protocol.tokenize(predictions[i])] for i in references}
+        scores, notes = score_tokenized(gts, res)
+        blocks[protocol.name] = {**scores, "protocol": {"name": protocol.name, **protocol.description()},
+                                 "notes": notes}
+    return blocks
+
+
+def laid_out(blocks: Mapping[str, Mapping[str, Any]], **run: Any) -> dict[str, Any]:
+    """One metrics file: the syllable figures, the run's fields, the syllable protocol and notes at the
+    top level, the word block nested. A `notes` entry in `run` (about the run, not a metric) joins the
+    top-level notes."""
+    syllable = dict(blocks.get("syllable", {}))
+    protocol, notes = syllable.pop("protocol", None), syllable.pop("notes", {})
+    top: dict[str, Any] = {**syllable, **run}
+    if protocol is not None:
+        top["protocol"] = protocol
+    top["notes"] = {**notes, **run.get("notes", {})}
+    if "word" in blocks:
+        top["word"] = dict(blocks["word"])
+    return top
+
+
+def blocks(metrics: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Each protocol's figures in a metrics file, by protocol name (files from before the word
+    protocol hold syllable figures alone, at the top level)."""
+    found: dict[str, Mapping[str, Any]] = {}
+    if any(metrics.get(m) is not None for m in METRICS) or "protocol" in metrics:
+        found["syllable"] = metrics
+    if isinstance(metrics.get("word"), Mapping):
+        found["word"] = metrics["word"]
+    return found
 
 
 def _listing(ids: list[int], limit: int = 10) -> str:
@@ -113,3 +151,15 @@ def format_table(columns: Mapping[str, Mapping[str, float | None]]) -> str:
         cells = [columns[n].get(metric) for n in names]
         lines.append(f"{metric:<8} " + " ".join(f"{'n/a' if c is None else f'{c:.4f}':>12}" for c in cells))
     return "\n".join(lines)
+
+
+def format_tables(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """One labelled table per protocol that every metrics file in `files` holds, one column per file."""
+    per_file = {name: blocks(metrics) for name, metrics in files.items()}
+    shared = [p for p in PROTOCOLS if all(p in found for found in per_file.values())]
+    parts = []
+    for name in shared:
+        description = next(iter(per_file.values()))[name].get("protocol") or {}
+        label = f"{name} protocol: {description.get('tokenisation', 'not recorded')}"
+        parts.append(label + "\n" + format_table({f: found[name] for f, found in per_file.items()}))
+    return "\n\n".join(parts)
