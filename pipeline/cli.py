@@ -18,6 +18,7 @@ from pipeline.config import Config, load_config
 from pipeline.data import SPLITS
 from pipeline.errors import ViclipError
 from pipeline.paths import ENCODERS, MODELS
+from pipeline.protocols import SETTINGS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -84,30 +85,39 @@ def score(
         help="Score this COCO results file (JSON list of {image_id, caption}) instead of decoding.")] = None,
     model: ModelName = MODELS[0],
     model_dir: ModelDir = None,
+    protocol: Annotated[Optional[str], typer.Option(
+        help=f"With --captions: {' | '.join(SETTINGS)} (default: score.protocol in params).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="With --captions: also write the metrics JSON here.")] = None,
     params: Params = Path("params.yaml"),
 ) -> None:
     """Stage 3: decode the test split with a trained model and score it (or score --captions FILE)."""
     from pipeline.io import write_json
-    from pipeline.metrics import METRICS, format_table
+    from pipeline.metrics import METRICS, blocks, format_tables
     from stages import score as stage
 
     _choice("--model", model, MODELS)
+    if protocol is not None:
+        _choice("--protocol", protocol, SETTINGS)
+        if captions is None:
+            typer.echo("error: --protocol goes with --captions; decoding scores under score.protocol in params",
+                       err=True)
+            raise typer.Exit(2)
     with _clear_errors():
         config = load_config(params)
         if captions is None:
             metrics, summary = stage.run(config, model, model_dir)
         else:
-            metrics = stage.score_file(config, captions)
+            metrics = stage.score_file(config, captions, protocol)
             summary = f"score: {metrics['images']} test images from {captions}"
             if metrics["dropped"]:
                 summary += f", {metrics['dropped']} captions dropped (images skipped at extraction)"
             if out is not None:
                 write_json(out, metrics)
                 summary += f" -> {out}"
-        typer.echo(format_table({metrics["model"]: metrics}))
-        for key, note in metrics["notes"].items():
-            typer.echo(f"{key}: n/a, {note}" if key in METRICS else f"{key}: {note}")
+        typer.echo(format_tables({metrics["model"]: metrics}))
+        for name, block in blocks(metrics).items():
+            for key, note in block.get("notes", {}).items():
+                typer.echo(f"{key} ({name}): n/a, {note}" if key in METRICS else f"{key}: {note}")
         typer.echo(summary)
 
 

@@ -98,6 +98,9 @@ class ScoreConfig(_Section):
     max_length: int = Field(gt=0)  # caption tokens, the stop included
     length_penalty: float = Field(ge=0)  # beams ranked by log-prob / length ** length_penalty
     batch_size: int = Field(gt=0)  # images decoded at once
+    # How captions are counted: whitespace syllables (ViCLIPCap's table), underthesea's words
+    # (the KTVIC paper's), or both (pipeline.protocols).
+    protocol: Literal["syllable", "word", "both"]
     out: str  # metrics go to OUT/<model>.json, captions to OUT/<model>.captions.json
 
 

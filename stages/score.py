@@ -1,4 +1,4 @@
-"""Stage 3: decode the test split with a trained model (either one) and score it under the stated protocol."""
+"""Stage 3: decode the test split with a trained model (either one) and score it under the stated protocols."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from pipeline.devices import best_device
 from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore, open_store
 from pipeline.io import read_json, write_json
-from pipeline.metrics import PROTOCOL, score_captions
+from pipeline.metrics import laid_out, score_captions
 from pipeline.models import family, load_model
+from pipeline.protocols import chosen
 
 UNFINISHED_WARNING = 0.05  # the share of captions cut at max_length that says the model does not stop
 
@@ -49,12 +50,9 @@ def stored(references: dict[int, list[str]], store: FeatureStore) -> dict[int, l
     return {i: refs for i, refs in references.items() if i in ids}
 
 
-def report(scores: dict, notes: dict, model: str, images: int, **extra) -> dict:
-    return {**scores, "model": model, "split": "test", "images": images, **extra, "protocol": PROTOCOL, "notes": notes}
-
-
-def score_file(config: Config, captions_file: str | Path) -> dict:
-    """Score an existing results file against the test references, without decoding.
+def score_file(config: Config, captions_file: str | Path, protocol: str | None = None) -> dict:
+    """Score an existing results file against the test references, without decoding, under `protocol`
+    (default: score.protocol).
 
     Where a CLIP store of the test split exists, only its images are scored (the set `viclip score`
     decodes): captions of images that extraction skipped as unreadable are dropped and counted."""
@@ -67,8 +65,8 @@ def score_file(config: Config, captions_file: str | Path) -> dict:
         dropped = [i for i in predictions if i in references and i not in scored]
         references = scored
         predictions = {i: c for i, c in predictions.items() if i not in dropped}
-    scores, notes = score_captions(references, predictions, source=str(captions_file))
-    return report(scores, notes, Path(captions_file).name, len(references), dropped=len(dropped))
+    blocks = score_captions(references, predictions, chosen(protocol or config.score.protocol), str(captions_file))
+    return laid_out(blocks, model=Path(captions_file).name, split="test", images=len(references), dropped=len(dropped))
 
 
 def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
@@ -84,15 +82,16 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
     results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, captions.texts)]
     predictions = {r["image_id"]: r["caption"] for r in results}
     scored = stored(references, store)
-    scores, notes = score_captions(scored, predictions, source=str(store.path))
+    blocks = score_captions(scored, predictions, chosen(config.score.protocol), str(store.path))
+    notes: dict[str, str] = {}
     if captions.clamped_from is not None:
         notes["max_length"] = (
             f"score.max_length {captions.clamped_from} capped at {captions.max_length}: "
             "the LM's context holds no more after the prefix"
         )
 
-    metrics = report(scores, notes, spec.name, len(scored), unfinished=captions.unfinished,
-                     max_length=captions.max_length)
+    metrics = laid_out(blocks, model=spec.name, split="test", images=len(scored), unfinished=captions.unfinished,
+                       max_length=captions.max_length, notes=notes)
     write_json(paths.captions_path(config, spec.name), results)
     write_json(paths.metrics_path(config, spec.name), metrics)
     if captions.unfinished > UNFINISHED_WARNING * len(results):
@@ -101,8 +100,8 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
             f"({captions.max_length}) without stopping; check lm.stop",
             file=sys.stderr,
         )
+    cider = ", ".join(f"{name} {block['cider']:.4f}" for name, block in blocks.items())
     return metrics, (
-        f"score {spec.name}: {len(results)} test images, CIDEr {scores['cider']:.4f}, BLEU-4 {scores['bleu_4']:.4f}, "
-        f"{captions.unfinished} unfinished -> {paths.metrics_path(config, spec.name)} "
-        f"({time.perf_counter() - started:.1f} s)"
+        f"score {spec.name}: {len(results)} test images, CIDEr {cider}, {captions.unfinished} unfinished "
+        f"-> {paths.metrics_path(config, spec.name)} ({time.perf_counter() - started:.1f} s)"
     )

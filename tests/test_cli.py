@@ -284,3 +284,32 @@ def test_score_captions_leaves_out_images_that_extraction_skipped(project):
     stored = json.loads((project / "stored.json").read_text())
     assert stored["images"] == 3 and stored["dropped"] == 1
     assert "3 test images from results.json, 1 captions dropped (images skipped at extraction)" in result.output
+
+
+def test_score_captions_under_each_protocol_keeps_the_metrics_when_spice_breaks(project, tmp_path, monkeypatch):
+    results = [{"image_id": i, "caption": "có một hình tròn màu đỏ ở bên trái"} for i in range(100_000, 100_004)]
+    (project / "results.json").write_text(json.dumps(results))
+    jars = tmp_path / "corenlp"  # CoreNLP's jars present but unusable, as a new user met them
+    jars.mkdir()
+    for name in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"):
+        (jars / name).write_bytes(b"truncated download")
+    monkeypatch.setenv("VICLIP_CORENLP", str(jars))
+
+    result = invoke("score", "--captions", "results.json", "--protocol", "word", "--out", "word.json")
+    assert result.exit_code == 0, result.output
+    word = json.loads((project / "word.json").read_text())
+    assert "cider" not in word and word["word"]["cider"] > 0 and word["word"]["meteor"] is not None
+    assert word["word"]["protocol"]["segmenter"]["name"] == "underthesea"
+    assert word["word"]["spice"] is None and word["word"]["notes"]["spice"].startswith("SPICE exited with code 1")
+    assert "word protocol:" in result.output and "syllable protocol:" not in result.output
+    assert "spice (word): n/a, SPICE exited with code 1" in result.output
+
+    assert invoke("score", "--captions", "results.json", "--out", "both.json").exit_code == 0  # params: both
+    both = json.loads((project / "both.json").read_text())
+    assert both["word"]["cider"] == word["word"]["cider"] and both["cider"] != both["word"]["cider"]
+    assert both["spice"] is None and both["notes"]["spice"].startswith("SPICE exited with code 1")
+
+    refused = invoke("score", "--protocol", "word")
+    assert refused.exit_code == 2 and "--protocol goes with --captions" in refused.output
+    refused = invoke("score", "--captions", "results.json", "--protocol", "words")
+    assert refused.exit_code == 2 and "--protocol must be one of syllable, word, both" in refused.output

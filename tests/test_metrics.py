@@ -1,4 +1,4 @@
-"""The scorer: its protocol, and that it returns exactly what pycocoevalcap returns."""
+"""The scorer: its protocols, that it returns exactly what pycocoevalcap returns, and the metrics file's layout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
 from pipeline.errors import ViclipError
-from pipeline.metrics import score_captions
+from pipeline.metrics import blocks, format_tables, laid_out, score_captions
+from pipeline.protocols import chosen, words
 from pipeline.text import tokenize
 
 REFERENCES = {
@@ -41,15 +42,75 @@ def test_wrapper_returns_what_pycocoevalcap_returns(monkeypatch):
     direct["cider"] = Cider().compute_score(gts, res)[0]
     direct["meteor"] = Meteor().compute_score(gts, res)[0]
 
-    scores, notes = score_captions(REFERENCES, PREDICTIONS)
+    scores = score_captions(REFERENCES, PREDICTIONS)["syllable"]
     assert {k: scores[k] for k in direct} == direct
     assert 0 < scores["bleu_4"] < scores["bleu_1"] < 1 and scores["cider"] > 0
-    assert scores["spice"] is not None or "spice" in notes
+    assert scores["spice"] is not None or "spice" in scores["notes"]
 
 
 def test_perfect_captions_score_one_on_bleu_and_rouge():
-    scores, _ = score_captions(REFERENCES, {i: refs[0] for i, refs in REFERENCES.items()})
-    assert scores["bleu_4"] == pytest.approx(1.0) and scores["rouge_l"] == pytest.approx(1.0)
+    scores = score_captions(REFERENCES, {i: refs[0] for i, refs in REFERENCES.items()}, chosen("both"))
+    for block in scores.values():
+        assert block["bleu_4"] == pytest.approx(1.0) and block["rouge_l"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("sentence, segmented", [
+    ("Học sinh đi xe máy dưới bầu trời xanh.", "học_sinh đi xe_máy dưới bầu_trời xanh"),
+    ("một người đàn ông đứng trên vỉa hè", "một người đàn_ông đứng trên vỉa_hè"),
+    ("Nhiều người đang ngồi ăn uống trong nhà hàng", "nhiều người đang ngồi ăn_uống trong nhà_hàng"),
+])
+def test_word_protocol_joins_the_syllables_of_a_word(sentence, segmented):
+    assert words(sentence) == segmented
+    assert words(unicodedata.normalize("NFD", sentence)) == segmented  # NFC first, as the syllable protocol
+
+
+def test_word_protocol_places_tone_marks_one_way():
+    # Old- and new-style tone placement ("hoà"/"hòa", "thuỷ"/"thủy") are one syllable to the word protocol.
+    assert words("hoà bình") == words("hòa bình") and words("thuỷ thủ") == words("thủy thủ")
+    assert words("") == ""
+
+
+def test_word_protocol_scores_words_not_syllables():
+    refs = {1: ["học sinh đi học"] * 5}
+    # Same syllables, but "sinh học" (biology) is one word: the word protocol sees no bigram in common.
+    blocks_ = score_captions(refs, {1: "sinh học đi học"}, chosen("both"))
+    assert blocks_["syllable"]["bleu_1"] == pytest.approx(1.0)
+    assert blocks_["word"]["bleu_1"] < blocks_["syllable"]["bleu_1"]
+
+
+@pytest.fixture(scope="module")
+def scored() -> dict:
+    return score_captions(REFERENCES, PREDICTIONS, chosen("both"))
+
+
+def test_each_protocol_describes_itself_and_the_segmenter_is_pinned(scored):
+    assert list(scored) == ["syllable", "word"]
+    assert scored["syllable"]["protocol"]["name"] == "syllable" and "segmenter" not in scored["syllable"]["protocol"]
+    segmenter = scored["word"]["protocol"]["segmenter"]
+    assert segmenter == {"name": "underthesea", "version": "9.5.0", "function": "word_tokenize",
+                         "use_token_normalize": True}
+    assert [p.name for p in chosen("word")] == ["word"] and [p.name for p in chosen("syllable")] == ["syllable"]
+
+
+def test_metrics_file_keeps_syllables_on_top_and_words_nested(scored):
+    laid = laid_out(scored, model="m", split="test", images=3, notes={"max_length": "capped"})
+    assert laid["cider"] == scored["syllable"]["cider"] and laid["protocol"]["name"] == "syllable"
+    assert laid["word"]["cider"] == scored["word"]["cider"] and laid["word"]["protocol"]["name"] == "word"
+    assert laid["notes"]["max_length"] == "capped" and "max_length" not in laid["word"]["notes"]
+    assert {name: block["cider"] for name, block in blocks(laid).items()} == {
+        name: block["cider"] for name, block in scored.items()}
+
+    word_only = laid_out({"word": scored["word"]}, model="m", split="test", images=3)
+    assert "cider" not in word_only and list(blocks(word_only)) == ["word"]
+    old = {"cider": 0.5, "protocol": {"tokenisation": "syllables"}, "notes": {}}  # a file from before the word protocol
+    assert list(blocks(old)) == ["syllable"]
+
+
+def test_tables_are_labelled_by_protocol(scored):
+    laid = laid_out(scored, model="m", split="test", images=3)
+    text = format_tables({"m": laid, "n": laid})
+    assert text.index("syllable protocol: NFC") < text.index("word protocol: the syllable protocol's text")
+    assert text.count("cider") == 2 and text.count(f"{laid['word']['cider']:.4f}") == 2
 
 
 @pytest.mark.parametrize("predictions, message", [
