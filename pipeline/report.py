@@ -2,9 +2,11 @@
 
 It lays this run's scores out in the ViCLIPCap paper's table layout, next to the
 figures that paper published, so a reader sees at a glance what this reproduction
-got and what was claimed. Two runs are only put side by side when their metrics
-files were scored on the same split, the same images and under the same protocol;
-anything else would compare numbers that mean different things.
+got and what was claimed. It has one table per scoring protocol the metrics files
+share (syllables, words: pipeline.protocols); the published figures sit in the
+syllable table, the protocol they were scored under. Two runs are only put side by
+side when their metrics files were scored on the same split, the same images and
+under the same protocol; anything else would compare numbers that mean different things.
 
 Inputs are plain dicts (a metrics JSON and a model directory's config.json per
 model name); the stage reads the files and writes what these functions return.
@@ -13,11 +15,14 @@ model name); the stage reads the files and writes what these functions return.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ViclipError
 from pipeline.io import atomic_path
+from pipeline.metrics import METRICS, blocks
+from pipeline.protocols import NAMES
 
 Scores = Mapping[str, float | None]
 
@@ -65,19 +70,47 @@ def _display(model: str) -> str:
     return dict(COLUMNS)[model]
 
 
-def _shared_run(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, int, Mapping[str, str]]:
-    """The split, image count and protocol both metrics files share; refuse files that differ."""
+# Which published figures each protocol's table compares with.
+COMPARES_WITH = {
+    "syllable": "The reported columns are the ViCLIPCap paper's, scored this way.",
+    "word": "Compare with figures scored on word-segmented captions: the KTVIC paper's and most Vietnamese "
+            "captioning work since (their segmenter may differ: KTVIC's `segment_caption` came from RDRSegmenter).",
+}
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """What every metrics file agrees on: the split, the image count, and each protocol's figures."""
+    split: str
+    images: int
+    protocols: dict[str, dict[str, Scores]]  # protocol name -> model -> its block (figures, protocol, notes)
+    unshared: list[str]  # protocols some files hold and others do not
+
+
+def _shared_run(metrics: Mapping[str, Mapping[str, Any]]) -> SharedRun:
+    """The split, image count and protocols all metrics files share; refuse files that differ."""
     missing = [model for model, _ in COLUMNS if model not in metrics]
     if missing:
         raise ViclipError(f"comparison: no metrics for {', '.join(missing)}")
-    first, second = (metrics[model] for model, _ in COLUMNS)
-    for field in ("split", "images", "protocol"):
-        if first.get(field) != second.get(field):
+    files = [metrics[model] for model, _ in COLUMNS]
+    for field in ("split", "images"):
+        values = {repr(f.get(field)) for f in files}
+        if len(values) > 1:
+            raise ViclipError(f"comparison: the metrics files disagree on {field} ({' vs '.join(sorted(values))})")
+    found = {model: blocks(metrics[model]) for model, _ in COLUMNS}
+    shared = [name for name in NAMES if all(name in held for held in found.values())]
+    if not shared:
+        raise ViclipError("comparison: the metrics files share no scoring protocol")
+    for name in shared:
+        described = {repr(held[name].get("protocol")) for held in found.values()}
+        if len(described) > 1:
             raise ViclipError(
-                f"comparison: the metrics files disagree on {field} "
-                f"({first.get(field)!r} vs {second.get(field)!r}); scores under different protocols are not comparable"
+                f"comparison: the metrics files disagree on protocol ({name}: {' vs '.join(sorted(described))}); "
+                "scores under different protocols are not comparable"
             )
-    return first.get("split"), first.get("images"), first.get("protocol") or {}
+    unshared = [name for name in NAMES if name not in shared and any(name in held for held in found.values())]
+    protocols = {name: {model: found[model][name] for model, _ in COLUMNS} for name in shared}
+    return SharedRun(files[0].get("split"), files[0].get("images"), protocols, unshared)
 
 
 def _cell(value: float | None, missing: str, bold: bool = False) -> str:
@@ -87,23 +120,46 @@ def _cell(value: float | None, missing: str, bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
-def _metric_row(key: str, label: str, metrics: Mapping[str, Scores], reported: Mapping[str, Scores]) -> str:
-    runs = [metrics[model].get(key) for model, _ in COLUMNS]
+def _metric_row(key: str, label: str, runs: Mapping[str, Scores], reported: Mapping[str, Scores]) -> str:
+    values = [runs[model].get(key) for model, _ in COLUMNS]
     # Compare what is shown: two values that print the same are a tie, both bold.
-    shown = [None if v is None else round(v, 4) for v in runs]
+    shown = [None if v is None else round(v, 4) for v in values]
     best = max((v for v in shown if v is not None), default=None)
-    cells = [_cell(v, MISSING_RUN, bold=v is not None and s == best) for v, s in zip(runs, shown)]
-    cells += [_cell(reported.get(model, {}).get(key), MISSING_REPORTED) for model, _ in COLUMNS]
+    cells = [_cell(v, MISSING_RUN, bold=v is not None and s == best) for v, s in zip(values, shown)]
+    if reported:
+        cells += [_cell(reported.get(model, {}).get(key), MISSING_REPORTED) for model, _ in COLUMNS]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def _metrics_table(metrics: Mapping[str, Scores], reported: Mapping[str, Scores]) -> list[str]:
+def _metrics_table(runs: Mapping[str, Scores], reported: Mapping[str, Scores]) -> list[str]:
+    """One protocol's table; the published columns only where `reported` is given."""
     names = [name for _, name in COLUMNS]
-    header = ["Metric", *names, *(name + REPORTED_SUFFIX for name in names)]
+    header = ["Metric", *names, *(name + REPORTED_SUFFIX for name in names if reported)]
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
-        *(_metric_row(key, label, metrics, reported) for key, label in ROWS),
+        *(_metric_row(key, label, runs, reported) for key, label in ROWS),
+    ]
+
+
+def _reported_for(protocol: str, reported: Mapping[str, Scores]) -> Mapping[str, Scores]:
+    return reported if protocol == "syllable" else {}
+
+
+def _protocol_section(name: str, runs: Mapping[str, Mapping[str, Any]], reported: Mapping[str, Scores]) -> list[str]:
+    described = next(iter(runs.values())).get("protocol") or {}
+    segmenter = described.get("segmenter")
+    caveat = f" {REPORTED_CAVEAT}" if _reported_for(name, reported) else ""
+    return [
+        f"## {name.capitalize()} protocol",
+        "",
+        f"Tokenisation: {described.get('tokenisation', 'not recorded')}.",
+        *([f"Segmenter: {', '.join(f'{k} {v}' for k, v in segmenter.items())}."] if segmenter else []),
+        "",
+        *_metrics_table(runs, _reported_for(name, reported)),
+        "",
+        f"Bold: the better of this run's two values. {COMPARES_WITH[name]}{caveat}",
+        "",
     ]
 
 
@@ -141,17 +197,22 @@ def _models_table(models: Mapping[str, Mapping[str, Any]], metrics: Mapping[str,
     ]
 
 
-def _note_bullets(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """One bullet per distinct note; a note both runs share is said once."""
+def _note_bullets(metrics: Mapping[str, Mapping[str, Any]], run: SharedRun) -> list[str]:
+    """One bullet per distinct note; a note all runs share is said once. A metric's note names its protocol."""
     labels = dict(ROWS)
     holders: dict[tuple[str, str], list[str]] = {}
     for model, name in COLUMNS:
-        for key, text in (metrics[model].get("notes") or {}).items():
-            holders.setdefault((key, text), []).append(name)
+        notes = [(key, text) for key, text in (metrics[model].get("notes") or {}).items() if key not in METRICS]
+        for protocol, runs in run.protocols.items():
+            notes += [(f"{labels.get(key, key)} ({protocol})", text)
+                      for key, text in (runs[model].get("notes") or {}).items() if key in METRICS]
+        for note in notes:
+            holders.setdefault(note, []).append(name)
     bullets = []
     for (key, text), names in holders.items():
         whose = "" if len(names) == len(COLUMNS) else f" ({', '.join(names)})"
-        bullets.append(f"- {labels.get(key, key)}{whose}: {text}")
+        bullets.append(f"- {key}{whose}: {text}")
+    bullets += [f"- {name.capitalize()} protocol: not in every metrics file, so not compared" for name in run.unshared]
     return bullets
 
 
@@ -162,28 +223,28 @@ def comparison_markdown(
     chart: str = "comparison.png",
     reported: Mapping[str, Scores] = REPORTED,
 ) -> str:
-    """The Markdown report: the metrics table, the models, the protocol and notes, the chart."""
-    split, images, protocol = _shared_run(metrics)
+    """The Markdown report: a metrics table per protocol, the models, the notes, the chart."""
+    run = _shared_run(metrics)
     title = "CNN+LSTM vs ViCLIPCap" + (f" ({title_note})" if title_note else "")
+    scorers = {str((runs[model].get("protocol") or {}).get("scorers")) for runs in run.protocols.values()
+               for model in runs}
     lines = [
         f"# {title}",
         "",
-        f"Split `{split}`, {images:,} images; both models scored under the same protocol (below).",
+        f"Split `{run.split}`, {run.images:,} images; both models scored under the same protocols "
+        f"({', '.join(run.protocols)}).",
         "",
-        *_metrics_table(metrics, reported),
-        "",
-        f"Bold: the better of this run's two values. {REPORTED_CAVEAT}",
-        "",
+        *(line for name, runs in run.protocols.items() for line in _protocol_section(name, runs, reported)),
         "## Models",
         "",
         *_models_table(models, metrics),
         "",
         "Unfinished captions: test captions that reached `score.max_length` without stopping.",
         "",
-        "## Protocol and notes",
+        "## Notes",
         "",
-        *(f"- {key.capitalize()}: {value}" for key, value in protocol.items()),
-        *_note_bullets(metrics),
+        *(f"- Scorers: {s}" for s in sorted(scorers)),
+        *_note_bullets(metrics, run),
         "",
         f"![{title}: this run and reported]({chart})",
         "",
@@ -200,12 +261,15 @@ def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-def read_markdown_table(markdown: str) -> dict[str, dict[str, float | None]]:
-    """The comparison table read back: {column display name: {metric key: value}}."""
+def read_markdown_table(markdown: str, protocol: str = "syllable") -> dict[str, dict[str, float | None]]:
+    """One protocol's comparison table read back: {column display name: {metric key: value}}."""
     lines = markdown.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("| Metric |")), None)
+    heading = f"## {protocol.capitalize()} protocol"
+    section = next((i for i, line in enumerate(lines) if line == heading), None)
+    start = None if section is None else next(
+        (i for i, line in enumerate(lines) if i > section and line.startswith("| Metric |")), None)
     if start is None:
-        raise ViclipError("comparison: no table with a '| Metric |' header")
+        raise ViclipError(f"comparison: no table with a '| Metric |' header under {heading!r}")
     columns = _cells(lines[start])[1:]
     keys = {label: key for key, label in ROWS}
     table: dict[str, dict[str, float | None]] = {column: {} for column in columns}
@@ -223,18 +287,21 @@ def read_markdown_table(markdown: str) -> dict[str, dict[str, float | None]]:
 def bar_chart(
     metrics: Mapping[str, Mapping[str, Any]], path: str | Path, reported: Mapping[str, Scores] = REPORTED
 ) -> None:
-    """Write a PNG of the table's figures: grouped bars per metric, this run solid, reported hatched."""
+    """Write a PNG of the first shared protocol's table (syllables where scored): grouped bars per metric,
+    this run solid, reported hatched."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    split, images, _ = _shared_run(metrics)
-    shown = [(key, label) for key, label in ROWS if any(metrics[m].get(key) is not None for m, _ in COLUMNS)]
-    series = [(name, metrics[model], {}, f"C{i}") for i, (model, name) in enumerate(COLUMNS)]
+    run = _shared_run(metrics)
+    protocol, runs = next(iter(run.protocols.items()))
+    reported = _reported_for(protocol, reported)
+    shown = [(key, label) for key, label in ROWS if any(runs[m].get(key) is not None for m, _ in COLUMNS)]
+    series = [(name, runs[model], {}, f"C{i}") for i, (model, name) in enumerate(COLUMNS)]
     series += [
         (name + REPORTED_SUFFIX, reported.get(model, {}), {"alpha": 0.4, "hatch": "//"}, f"C{i}")
-        for i, (model, name) in enumerate(COLUMNS)
+        for i, (model, name) in enumerate(COLUMNS) if reported
     ]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -247,7 +314,7 @@ def bar_chart(
                 ax.bar(xs, heights, width, label=name, color=colour, edgecolor=colour, **style)
         ax.set_xticks(range(len(shown)), [label for _, label in shown])
         ax.set_ylabel("score")
-        ax.set_title(f"CNN+LSTM vs ViCLIPCap: {split} split, {images:,} images")
+        ax.set_title(f"CNN+LSTM vs ViCLIPCap: {run.split} split, {run.images:,} images, {protocol} protocol")
         ax.legend()
         fig.tight_layout()
         with atomic_path(path) as partial:

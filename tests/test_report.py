@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import ViclipError
-from pipeline.metrics import PROTOCOL
+from pipeline.protocols import PROTOCOLS
 from pipeline.report import bar_chart, comparison_markdown, read_markdown_table
 
+SYLLABLE = {"name": "syllable", **PROTOCOLS["syllable"].description()}
+WORD = {"name": "word", **PROTOCOLS["word"].description()}
 SPICE_NOTE = "SPICE needs Stanford CoreNLP 3.6.0; it cannot be fetched offline"
 SCORES = {
     "cnn_lstm": {"bleu_1": 0.61234, "bleu_2": 0.45, "bleu_3": 0.33, "bleu_4": 0.24567, "meteor": None,
@@ -29,9 +31,18 @@ MODELS = {
 
 
 def metrics(**changes) -> dict:
-    files = {name: {**scores, "model": name, "split": "test", "images": 558, "protocol": dict(PROTOCOL),
+    files = {name: {**scores, "model": name, "split": "test", "images": 558, "protocol": dict(SYLLABLE),
                     "notes": {"spice": SPICE_NOTE}} for name, scores in SCORES.items()}
     files["viclipcap"].update(changes)
+    return files
+
+
+def with_words(files: dict, **changes) -> dict:
+    """`files` with a word block each: the syllable figures less 0.1, as if words matched less often."""
+    for name, file in files.items():
+        file["word"] = {**{k: None if v is None else v - 0.1 for k, v in SCORES[name].items()},
+                        "protocol": dict(WORD), "notes": {"spice": SPICE_NOTE}}
+    files["viclipcap"]["word"].update(changes)
     return files
 
 
@@ -73,13 +84,13 @@ def test_report_states_split_models_protocol_notes_and_chart():
     assert "`test`, 558 images" in markdown
     assert "| ViCLIPCap | CLIP ViT-B-32-quickgelu | 3,456,789 | 812.3 | 9 | NVIDIA H100 |" in markdown
     assert "| CNN+LSTM | CNN resnet101 | 12,345,678 | 3600.0 | 7 | cpu |" in markdown
-    assert f"- Tokenisation: {PROTOCOL['tokenisation']}" in markdown
-    assert f"- SPICE: {SPICE_NOTE}" in markdown
+    assert f"Tokenisation: {SYLLABLE['tokenisation']}." in markdown
+    assert f"- SPICE (syllable): {SPICE_NOTE}" in markdown
     assert "](chart.png)" in markdown
 
 
 @pytest.mark.parametrize("field, value", [
-    ("images", 550), ("split", "val"), ("protocol", {**PROTOCOL, "tokenisation": "word-segmented"}),
+    ("images", 550), ("split", "val"), ("protocol", {**SYLLABLE, "tokenisation": "word-segmented"}),
 ])
 def test_runs_under_different_protocols_are_not_compared(field, value, tmp_path):
     with pytest.raises(ViclipError, match=f"disagree on {field}"):
@@ -116,3 +127,41 @@ def test_the_models_table_says_how_many_captions_never_stopped():
     markdown = comparison_markdown(metrics(unfinished=3), MODELS)
     assert row(markdown, "ViCLIPCap")[-1] == "3 of 558"
     assert row(markdown, "CNN+LSTM")[-1] == "not recorded"  # a metrics file from before `unfinished`
+
+
+def test_word_protocol_gets_a_table_of_its_own_without_the_published_columns():
+    markdown = comparison_markdown(with_words(metrics()), MODELS)
+    assert markdown.index("## Syllable protocol") < markdown.index("## Word protocol") < markdown.index("## Models")
+    words = read_markdown_table(markdown, "word")
+    assert list(words) == ["CNN+LSTM", "ViCLIPCap"]  # published figures are syllable-level: no reported columns
+    for name, column in (("cnn_lstm", "CNN+LSTM"), ("viclipcap", "ViCLIPCap")):
+        assert words[column] == {k: None if v is None else round(v - 0.1, 4) for k, v in SCORES[name].items()}
+    assert read_markdown_table(markdown, "syllable")["ViCLIPCap (reported)"]["cider"] == 0.8127
+    assert "Segmenter: name underthesea, version 9.5.0" in markdown and "KTVIC paper" in markdown
+    assert f"- SPICE (word): {SPICE_NOTE}" in markdown and f"- SPICE (syllable): {SPICE_NOTE}" in markdown
+
+
+def test_a_protocol_missing_from_one_file_is_left_out_and_said(tmp_path):
+    files = with_words(metrics())
+    del files["cnn_lstm"]["word"]
+    markdown = comparison_markdown(files, MODELS)
+    assert "## Word protocol" not in markdown and "- Word protocol: not in every metrics file" in markdown
+    with pytest.raises(ViclipError, match="no table .* under '## Word protocol'"):
+        read_markdown_table(markdown, "word")
+
+
+def test_word_only_files_compare_on_words_and_chart_them(tmp_path):
+    files = with_words(metrics())
+    for file in files.values():
+        for key in (*SCORES["cnn_lstm"], "protocol"):
+            del file[key]
+    markdown = comparison_markdown(files, MODELS)
+    assert "## Syllable protocol" not in markdown and "## Word protocol" in markdown
+    bar_chart(files, tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_word_scores_from_another_segmenter_are_not_compared():
+    other = {**WORD, "segmenter": {**WORD["segmenter"], "version": "6.8.4"}}
+    with pytest.raises(ViclipError, match="disagree on protocol \\(word"):
+        comparison_markdown(with_words(metrics(), protocol=other), MODELS)

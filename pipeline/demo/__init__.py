@@ -28,7 +28,7 @@ from pipeline.demo.synthetic import caption_groups, make_dataset
 from pipeline.demo.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cnn, make_tiny_lm
 from pipeline.errors import ViclipError
 from pipeline.io import read_json, write_json, write_text
-from pipeline.metrics import format_table
+from pipeline.metrics import format_tables
 from pipeline.report import COLUMNS
 from pipeline.text import tokenize
 from stages.score import score_file
@@ -136,8 +136,8 @@ def run_demo(workdir: Path) -> None:
         lengths = {m: mean_length(c["caption"] for c in read_json(paths.captions_path(config, m))) for m, _ in COLUMNS}
         lengths["references"] = mean_length(c for r in splits["test"] for c in r.captions)
     first = scores[paths.MODEL]
-    print(f"\nKTVIC-layout synthetic test split, {first['images']} images; protocol: {first['protocol']['tokenisation']}")
-    print(format_table(scores))
+    print(f"\nKTVIC-layout synthetic test split, {first['images']} images")
+    print(format_tables(scores))
     print("blind = the most frequent training caption for every image")
     print(f"captions that never stopped (of {first['images']}): "
           + ", ".join(f"{m} {scores[m]['unfinished']}" for m, _ in COLUMNS))
