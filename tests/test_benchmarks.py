@@ -67,3 +67,18 @@ def test_the_benchmark_command_writes_its_results(tmp_path):
     assert written["machine"]["command"] == f"python -m benchmarks --only score --out {out}"
     [row] = written["rows"]
     assert row["stage"] == "score" and row["viclip"] > 0 and "score" in result.stdout
+
+
+def test_segmentation_agreement_counts_words_by_their_syllable_spans(tmp_path):
+    # underthesea joins "học sinh" and "xe máy": the first reference agrees, the second (all syllables
+    # apart) shares only "đi". A third, "10-9_giờ", has punctuation inside a word and is left out.
+    references = tmp_path / "segmented.txt"
+    references.write_text("học_sinh đi xe_máy\nhọc sinh đi xe máy\nlúc 10-9_giờ\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.segmentation", str(references), "--examples", "1"],
+                          capture_output=True, text=True, check=True)
+    off = done.stdout.split("use_token_normalize=False")[1].split("use_token_normalize=True")[0]
+    assert "3 references, 2 used (1 left out: punctuation inside a word" in done.stdout
+    assert "identical segmentation: 1 (50.0%)" in off
+    assert "words: reference 8, underthesea 6, matching 4" in off
+    assert "precision 66.67%  recall 50.00%  F1 57.14%" in off
+    assert "học sinh  ->  học_sinh  (1)" in off
