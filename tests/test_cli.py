@@ -284,3 +284,16 @@ def test_score_captions_leaves_out_images_that_extraction_skipped(project):
     stored = json.loads((project / "stored.json").read_text())
     assert stored["images"] == 3 and stored["dropped"] == 1
     assert "3 test images from results.json, 1 captions dropped (images skipped at extraction)" in result.output
+
+
+def test_decompression_bombs_are_bad_images_to_extract_and_caption(project, demo, monkeypatch):
+    """A few kilobytes of PNG that decode to 100M pixels (Pillow only warns) or 200M (Pillow raises an
+    error that is no OSError): both are listed as bad images, checked before their pixels are decoded."""
+    images = project / "ktvic/train-images"
+    Image.new("1", (10_000, 10_000)).save(images / "000001.jpg", "PNG")
+    Image.new("1", (20_000, 10_000)).save(images / "000002.jpg", "PNG")
+    assert_clear_error(invoke("extract"), "2 bad image(s)", "000001.jpg (too large: Image size (100000000 pixels)",
+                       "000002.jpg (too large: Image size (200000000 pixels)")
+    monkeypatch.chdir(demo)
+    assert_clear_error(invoke("caption", str(images / "000001.jpg"), str(images / "000002.jpg")),
+                       "2 bad image(s)", "000001.jpg (too large", "000002.jpg (too large")
