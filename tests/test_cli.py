@@ -297,3 +297,9 @@ def test_decompression_bombs_are_bad_images_to_extract_and_caption(project, demo
     monkeypatch.chdir(demo)
     assert_clear_error(invoke("caption", str(images / "000001.jpg"), str(images / "000002.jpg")),
                        "2 bad image(s)", "000001.jpg (too large", "000002.jpg (too large")
+
+
+def test_serve_without_a_trained_model_or_with_an_unknown_one(project):
+    assert_clear_error(invoke("serve", "--model", "all"), "artifacts/models/viclipcap", "not a model directory")
+    result = invoke("serve", "--model", "lstm")
+    assert result.exit_code == 2 and "--model must be one of viclipcap, cnn_lstm, all" in result.output
