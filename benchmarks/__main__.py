@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,13 +18,14 @@ from benchmarks.suite import SCALING
 from pipeline.devices import best_device, hardware
 from pipeline.io import write_json
 
-STAGES = ("extract", "train", "decode", "score", "scaling")
+STAGES = ("extract", "train", "decode", "score", "scaling", "serve")
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (FLOP/s), by device name.
 BF16_PEAKS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 
 
-def run_case(*args: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "benchmarks.case", *args], capture_output=True, text=True)
+def run_case(*args: str, module: str = "benchmarks.case") -> dict:
+    """One case in a process of its own (`python -m MODULE ARGS`); the JSON it prints last."""
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr)
         raise SystemExit(f"benchmark case {' '.join(args)} failed")
@@ -95,15 +97,49 @@ def scaling() -> list[dict]:
     return rows
 
 
+def serve(demo: Path) -> list[dict]:
+    """viclip serve under load (benchmarks/load.py): micro-batching against one request at a time, with the
+    demo's two trained models (where `demo` holds a built demo) and with full-size random-weight models."""
+    rows = []
+    for models in ("demo", "full"):
+        if models == "demo" and not (demo / "artifacts/models/viclipcap").is_dir():
+            print(f"benchmark: serve: no demo project at {demo} (make demo builds one); demo models skipped",
+                  file=sys.stderr)
+            continue
+        args = [str(demo)] if models == "demo" else []
+        batched, single = (run_load(models, mode, *args) for mode in ("batched", "single"))
+        label = "demo models" if models == "demo" else "ViT-B-32 + GPT-2 small"
+        for ours, theirs in zip(batched["levels"], single["levels"]):
+            clients = f"{label}, {ours['concurrency']} clients"
+            rows += [
+                row("serve", f"{clients}: requests/s", "requests/s", ours["requests_per_s"], theirs["requests_per_s"],
+                    requests=(ours["requests"], theirs["requests"])),
+                row("serve", f"{clients}: p50 latency", "s", ours["p50_s"], theirs["p50_s"]),
+                row("serve", f"{clients}: p95 latency", "s", ours["p95_s"], theirs["p95_s"]),
+            ]
+    return rows
+
+
+def run_load(*args: str) -> dict:
+    """One load case (benchmarks/load.py) in a process of its own, its server in another; every request answered."""
+    case = run_case(*args, module="benchmarks.load")
+    errors = sum(level["error_count"] for level in case["levels"])
+    if errors:
+        raise SystemExit(f"load case {' '.join(args)}: {errors} requests failed, e.g. {case['levels'][0]['errors']}")
+    return case
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES), help="Run only these.")
     parser.add_argument("--out", default="benchmarks/results.json", help="Where to write the results (JSON).")
+    parser.add_argument("--demo", type=Path, default=Path("demo-run"),
+                        help="The demo project whose models the serve stage loads (make demo builds it).")
     args = parser.parse_args()
 
     device = best_device()
     runs = {"extract": extract, "train": lambda: train(device), "decode": decode, "score": score,
-            "scaling": scaling}
+            "scaling": scaling, "serve": lambda: serve(args.demo.resolve())}
     started = time.perf_counter()
     machine = {
         "date": datetime.date.today().isoformat(),
@@ -134,10 +170,10 @@ def _number(value: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'stage':<8} {'measure':<52} {'viclip':>10} {'reference':>10} {'ratio':>7} {'peak MB':>8}"]
+    lines = [f"{'stage':<8} {'measure':<66} {'viclip':>10} {'reference':>10} {'ratio':>7} {'peak MB':>8}"]
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.1f}x"
-        lines.append(f"{r['stage']:<8} {r['measure'] + ' (' + r['unit'] + ')':<52} {_number(r['viclip']):>10} "
+        lines.append(f"{r['stage']:<8} {r['measure'] + ' (' + r['unit'] + ')':<66} {_number(r['viclip']):>10} "
                      f"{_number(r['reference']):>10} {ratio:>7} {_number(r.get('peak_mb')):>8}")
     return "\n".join(lines)
 

@@ -153,6 +153,21 @@ def compare(params: Params = Path("params.yaml")) -> None:
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Which model: viclipcap, cnn_lstm, or all (side by side).")] = MODELS[0],
+    host: Annotated[str, typer.Option(help="The address to listen on (only this machine by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
+    params: Params = Path("params.yaml"),
+) -> None:
+    """Serve trained models: an HTTP API (POST /v1/captions, GET /v1/models) and a page at /."""
+    from pipeline.serve import serve as run_service
+
+    _choice("--model", model, (*MODELS, "all"))
+    with _clear_errors():
+        run_service(load_config(params), list(MODELS) if model == "all" else [model], host, port)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo builds its data, models and DVC project.")] = Path("demo-run"),
 ) -> None:

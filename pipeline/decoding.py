@@ -91,16 +91,18 @@ class Captions:
 
 
 def caption_features(
-    model: CaptionModel, features: torch.Tensor, settings: ScoreConfig, description: str = "decode"
+    model: CaptionModel, features: torch.Tensor, settings: ScoreConfig, description: str | None = "decode"
 ) -> Captions:
-    """Captions for (N, ...) image features, decoded `settings.batch_size` images at a time."""
+    """Captions for (N, ...) image features, decoded `settings.batch_size` images at a time; a progress
+    bar named `description` on a terminal (None: none, as a service decoding many small batches wants)."""
     # The LM's context holds the prefix and the caption: never ask for positions it does not have.
     limit = settings.max_length if model.max_tokens is None else min(settings.max_length, model.max_tokens)
     if limit < 1:
         raise ViclipError(f"the LM's context holds no caption token after the prefix ({model.max_tokens} positions left)")
     texts: list[str] = []
     unfinished = 0
-    for batch in tqdm(features.split(settings.batch_size), desc=description, unit="batch", disable=None):
+    for batch in tqdm(features.split(settings.batch_size), desc=description, unit="batch",
+                      disable=None if description else True):
         decoded = beam_search(model, batch, settings.beam_size, limit, settings.length_penalty)
         texts += [model.decode(tokens) for tokens in decoded.tokens]
         unfinished += decoded.finished.count(False)

@@ -82,3 +82,17 @@ def test_segmentation_agreement_counts_words_by_their_syllable_spans(tmp_path):
     assert "words: reference 8, underthesea 6, matching 4" in off
     assert "precision 66.67%  recall 50.00%  F1 57.14%" in off
     assert "học sinh  ->  học_sinh  (1)" in off
+
+
+def test_the_load_case_answers_every_request_at_every_level(demo, monkeypatch):
+    """benchmarks.load against a real server on loopback, at a few requests a level (the client counts them)."""
+    from benchmarks import load
+
+    monkeypatch.setitem(load.REQUESTS, "demo", {1: 2, 8: 8, 32: 32})
+    for mode in load.MODES:
+        case = load.run_case("demo", mode, demo)
+        assert case["served"] == ["viclipcap", "cnn_lstm"]
+        levels = case["levels"]
+        assert [(level["concurrency"], level["requests"], level["error_count"]) for level in levels] == [
+            (1, 2, 0), (8, 8, 0), (32, 32, 0)]
+        assert all(0 < level["p50_s"] <= level["p95_s"] < level["seconds"] + 1e-9 for level in levels)

@@ -313,3 +313,22 @@ def test_score_captions_under_each_protocol_keeps_the_metrics_when_spice_breaks(
     assert refused.exit_code == 2 and "--protocol goes with --captions" in refused.output
     refused = invoke("score", "--captions", "results.json", "--protocol", "words")
     assert refused.exit_code == 2 and "--protocol must be one of syllable, word, both" in refused.output
+
+
+def test_decompression_bombs_are_bad_images_to_extract_and_caption(project, demo, monkeypatch):
+    """A few kilobytes of PNG that decode to 100M pixels (Pillow only warns) or 200M (Pillow raises an
+    error that is no OSError): both are listed as bad images, checked before their pixels are decoded."""
+    images = project / "ktvic/train-images"
+    Image.new("1", (10_000, 10_000)).save(images / "000001.jpg", "PNG")
+    Image.new("1", (20_000, 10_000)).save(images / "000002.jpg", "PNG")
+    assert_clear_error(invoke("extract"), "2 bad image(s)", "000001.jpg (too large: Image size (100000000 pixels)",
+                       "000002.jpg (too large: Image size (200000000 pixels)")
+    monkeypatch.chdir(demo)
+    assert_clear_error(invoke("caption", str(images / "000001.jpg"), str(images / "000002.jpg")),
+                       "2 bad image(s)", "000001.jpg (too large", "000002.jpg (too large")
+
+
+def test_serve_without_a_trained_model_or_with_an_unknown_one(project):
+    assert_clear_error(invoke("serve", "--model", "all"), "artifacts/models/viclipcap", "not a model directory")
+    result = invoke("serve", "--model", "lstm")
+    assert result.exit_code == 2 and "--model must be one of viclipcap, cnn_lstm, all" in result.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -143,3 +144,10 @@ def run_demo(workdir: Path) -> None:
           + ", ".join(f"{m} {scores[m]['unfinished']}" for m, _ in COLUMNS))
     print("mean caption length (syllables): " + ", ".join(f"{k} {v:.1f}" for k, v in lengths.items()))
     print(f"comparison table and chart: {workdir / paths.report_path(config)}, {workdir / paths.chart_path(config)}")
+    print(f"serve both models (API and page at http://127.0.0.1:8000/): {serve_command(workdir)}")
+
+
+def serve_command(workdir: Path) -> str:
+    """The command that serves the demo's models: from its folder, since its params' paths are relative to it."""
+    viclip = Path(sys.executable).parent / "viclip"  # this environment's, as `dvc` above puts it on PATH
+    return f"cd {shlex.quote(str(workdir))} && {shlex.quote(str(viclip)) if viclip.is_file() else 'viclip'} serve --model all"

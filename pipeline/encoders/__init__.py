@@ -7,9 +7,11 @@ a name here finds its encoder. The encoders import `base`, never this package.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.encoders import clip, cnn  # noqa: F401  (each registers itself)
 from pipeline.encoders.base import REGISTRY, ImageEncoder
+from pipeline.errors import ViclipError
 
 
 def encoder_attrs(name: str, config: Any) -> dict[str, Any]:
@@ -31,11 +34,48 @@ def load_encoder(name: str, config: Any, device: torch.device) -> ImageEncoder:
     return REGISTRY[name].load(config, device)
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Decode an image fully (so truncation shows here) as RGB: greyscale, RGBA, CMYK, palette converted."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
+class BadImage(ViclipError):
+    """An image that cannot be used: not an image, truncated, or too many pixels to decode safely."""
+
+
+class ImageTooLarge(BadImage):
+    """More pixels than may be decoded: a decompression bomb, or simply too big."""
+
+
+# Pillow's bomb check only warns between its limit and twice it; the warning is made an error while the
+# header is read. warnings.catch_warnings swaps a process-wide filter list, so concurrent openers (the
+# service's threads) take turns; only the header is read under the lock, never the pixels.
+_opening = threading.Lock()
+
+
+def open_rgb(source: Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image fully (so truncation shows here) as RGB: greyscale, RGBA, CMYK, palette converted.
+
+    The size is checked before the pixels are decoded: a few kilobytes of PNG can expand to gigabytes.
+    `max_pixels` defaults to Pillow's limit (Image.MAX_IMAGE_PIXELS); a missing file raises FileNotFoundError.
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with _opening, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ImageTooLarge(f"too large: {str(error).split(', could be')[0]}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except FileNotFoundError:
+        raise
+    except OSError as error:  # a directory, a file that cannot be read
+        raise BadImage(f"unreadable ({error})") from None
+    with image:
+        width, height = image.size
+        if limit is not None and width * height > limit:
+            raise ImageTooLarge(f"too large: {width}x{height} = {width * height} pixels, over the limit of {limit}")
+        try:
+            image.load()
+            return image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise BadImage(f"unreadable ({error})") from None
 
 
 class ImageFiles(Dataset):
@@ -54,10 +94,8 @@ class ImageFiles(Dataset):
             return index, self.preprocess(open_rgb(path)), None
         except FileNotFoundError:
             return index, None, "missing"
-        except UnidentifiedImageError:
-            return index, None, "not an image"
-        except (OSError, ValueError, SyntaxError) as error:
-            return index, None, f"unreadable ({error})"
+        except BadImage as error:
+            return index, None, str(error)
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
