@@ -17,7 +17,7 @@ out, and counted: a reference with punctuation inside a word ("10-9", "500.000")
 which the normalisation splits into syllables the reference never separated, and
 a sentence whose syllables underthesea's output still does not reproduce.
 
-Needs underthesea, which viclip installs only for the word protocol. Prints
+Segments with the word protocol's own function (pipeline.protocols.words). Prints
 figures and asserts nothing.
 """
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from pipeline.protocols import words
 from pipeline.text import tokenize
 
 Words = list[list[str]]  # a sentence: its words, each a list of syllables
@@ -60,10 +61,8 @@ def syllables(words: Words) -> list[str]:
 
 
 def underthesea_words(syllables: list[str], token_normalize: bool) -> Words:
-    from underthesea import word_tokenize  # loads its CRF model
-
-    text = word_tokenize(" ".join(syllables), format="text", use_token_normalize=token_normalize)
-    return [word.split("_") for word in text.split()]
+    """The word protocol's segmentation of a sentence, with underthesea's tone-mark normalisation on or off."""
+    return [word.split("_") for word in words(" ".join(syllables), token_normalize).split()]
 
 
 def token_normalized(words: Words) -> Words:

@@ -24,7 +24,7 @@ from pipeline.protocols import PROTOCOLS, Protocol
 from pipeline.spice import SpiceFailed, error_line, spice
 
 METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
-SYLLABLE = (PROTOCOLS["syllable"],)
+SYLLABLE_ONLY = (PROTOCOLS["syllable"],)
 
 
 def _quiet(scorer: Any, gts: dict, res: dict) -> Any:
@@ -74,7 +74,10 @@ def _meteor_jar() -> Any:
 def _meteor(gts: dict, res: dict) -> tuple[float | None, str | None]:
     if shutil.which("java") is None:
         return None, "METEOR runs a Java jar and no `java` is on PATH"
-    meteor = _meteor_jar()
+    try:
+        meteor = _meteor_jar()
+    except OSError as error:
+        return None, f"METEOR's jar did not start ({error})"
     try:
         return float(_quiet(meteor, gts, res)), None
     except (OSError, ValueError):  # the jar died: its pipe broke or went silent
@@ -91,7 +94,7 @@ def _meteor(gts: dict, res: dict) -> tuple[float | None, str | None]:
 def score_captions(
     references: Mapping[int, list[str]],
     predictions: Mapping[int, str],
-    protocols: Sequence[Protocol] = SYLLABLE,
+    protocols: Sequence[Protocol] = SYLLABLE_ONLY,
     source: str = "captions",
 ) -> dict[str, dict[str, Any]]:
     """Score one caption per image against its references under each protocol:
@@ -102,28 +105,28 @@ def score_captions(
         raise ViclipError(f"{source}: {len(unknown)} unknown image ids: {_listing(unknown)}")
     if missing:
         raise ViclipError(f"{source}: no caption for {len(missing)} test images: {_listing(missing)}")
-    blocks = {}
+    by_protocol = {}
     for protocol in protocols:
         gts = {i: [protocol.tokenize(r) for r in references[i]] for i in references}
         res = {i: [protocol.tokenize(predictions[i])] for i in references}
         scores, notes = score_tokenized(gts, res)
-        blocks[protocol.name] = {**scores, "protocol": {"name": protocol.name, **protocol.description()},
-                                 "notes": notes}
-    return blocks
+        by_protocol[protocol.name] = {**scores, "protocol": {"name": protocol.name, **protocol.description()},
+                                      "notes": notes}
+    return by_protocol
 
 
-def laid_out(blocks: Mapping[str, Mapping[str, Any]], **run: Any) -> dict[str, Any]:
+def laid_out(by_protocol: Mapping[str, Mapping[str, Any]], **run: Any) -> dict[str, Any]:
     """One metrics file: the syllable figures, the run's fields, the syllable protocol and notes at the
     top level, the word block nested. A `notes` entry in `run` (about the run, not a metric) joins the
     top-level notes."""
-    syllable = dict(blocks.get("syllable", {}))
+    syllable = dict(by_protocol.get("syllable", {}))
     protocol, notes = syllable.pop("protocol", None), syllable.pop("notes", {})
     top: dict[str, Any] = {**syllable, **run}
     if protocol is not None:
         top["protocol"] = protocol
     top["notes"] = {**notes, **run.get("notes", {})}
-    if "word" in blocks:
-        top["word"] = dict(blocks["word"])
+    if "word" in by_protocol:
+        top["word"] = dict(by_protocol["word"])
     return top
 
 
@@ -153,13 +156,31 @@ def format_table(columns: Mapping[str, Mapping[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
+def shared_protocols(files: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, dict[str, Mapping[str, Any]]], list[str]]:
+    """The protocols every metrics file in `files` holds ({protocol: {file: its block}}), and those only
+    some hold. Refuses files that describe a shared protocol differently (another segmenter version, say)."""
+    found = {name: blocks(metrics) for name, metrics in files.items()}
+    shared: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for protocol in PROTOCOLS:
+        if not all(protocol in held for held in found.values()):
+            continue
+        described = {repr(held[protocol].get("protocol")) for held in found.values()}
+        if len(described) > 1:
+            raise ViclipError(
+                f"comparison: the metrics files disagree on protocol ({protocol}: {' vs '.join(sorted(described))}); "
+                "scores under different protocols are not comparable"
+            )
+        shared[protocol] = {name: held[protocol] for name, held in found.items()}
+    unshared = [p for p in PROTOCOLS if p not in shared and any(p in held for held in found.values())]
+    return shared, unshared
+
+
 def format_tables(files: Mapping[str, Mapping[str, Any]]) -> str:
     """One labelled table per protocol that every metrics file in `files` holds, one column per file."""
-    per_file = {name: blocks(metrics) for name, metrics in files.items()}
-    shared = [p for p in PROTOCOLS if all(p in found for found in per_file.values())]
+    shared, unshared = shared_protocols(files)
     parts = []
-    for name in shared:
-        description = next(iter(per_file.values()))[name].get("protocol") or {}
-        label = f"{name} protocol: {description.get('tokenisation', 'not recorded')}"
-        parts.append(label + "\n" + format_table({f: found[name] for f, found in per_file.items()}))
-    return "\n\n".join(parts)
+    for protocol, held in shared.items():
+        description = next(iter(held.values())).get("protocol") or {}
+        parts.append(f"{protocol} protocol: {description.get('tokenisation', 'not recorded')}\n{format_table(held)}")
+    parts += [f"{protocol} protocol: not in every metrics file, so not shown" for protocol in unshared]
+    return "\n\n".join(parts) or "no scoring protocol is in every metrics file"

@@ -48,9 +48,9 @@ def _word_tokenize() -> Callable[..., str]:
     return word_tokenize
 
 
-def words(text: str) -> str:
+def words(text: str, token_normalize: bool = TOKEN_NORMALIZE) -> str:
     """The syllable protocol's tokens, segmented into words; a word's syllables joined by "_"."""
-    return _word_tokenize()(tokenize(text), format="text", use_token_normalize=TOKEN_NORMALIZE)
+    return _word_tokenize()(tokenize(text), format="text", use_token_normalize=token_normalize)
 
 
 def segmenter() -> dict[str, Any]:

@@ -21,8 +21,7 @@ from typing import Any
 
 from pipeline.errors import ViclipError
 from pipeline.io import atomic_path
-from pipeline.metrics import METRICS, blocks
-from pipeline.protocols import NAMES
+from pipeline.metrics import METRICS, shared_protocols
 
 Scores = Mapping[str, float | None]
 
@@ -72,7 +71,7 @@ def _display(model: str) -> str:
 
 # Which published figures each protocol's table compares with.
 COMPARES_WITH = {
-    "syllable": "The reported columns are the ViCLIPCap paper's, scored this way.",
+    "syllable": "This is ViCLIPCap's protocol.",
     "word": "Compare with figures scored on word-segmented captions: the KTVIC paper's and most Vietnamese "
             "captioning work since (their segmenter may differ: KTVIC's `segment_caption` came from RDRSegmenter).",
 }
@@ -97,20 +96,10 @@ def _shared_run(metrics: Mapping[str, Mapping[str, Any]]) -> SharedRun:
         values = {repr(f.get(field)) for f in files}
         if len(values) > 1:
             raise ViclipError(f"comparison: the metrics files disagree on {field} ({' vs '.join(sorted(values))})")
-    found = {model: blocks(metrics[model]) for model, _ in COLUMNS}
-    shared = [name for name in NAMES if all(name in held for held in found.values())]
-    if not shared:
+    protocols, unshared = shared_protocols({model: metrics[model] for model, _ in COLUMNS})
+    if not protocols:
         raise ViclipError("comparison: the metrics files share no scoring protocol")
-    for name in shared:
-        described = {repr(held[name].get("protocol")) for held in found.values()}
-        if len(described) > 1:
-            raise ViclipError(
-                f"comparison: the metrics files disagree on protocol ({name}: {' vs '.join(sorted(described))}); "
-                "scores under different protocols are not comparable"
-            )
-    unshared = [name for name in NAMES if name not in shared and any(name in held for held in found.values())]
-    protocols = {name: {model: found[model][name] for model, _ in COLUMNS} for name in shared}
-    return SharedRun(files[0].get("split"), files[0].get("images"), protocols, unshared)
+    return SharedRun(files[0].get("split"), files[0].get("images"), dict(protocols), unshared)
 
 
 def _cell(value: float | None, missing: str, bold: bool = False) -> str:
@@ -146,6 +135,12 @@ def _reported_for(protocol: str, reported: Mapping[str, Scores]) -> Mapping[str,
     return reported if protocol == "syllable" else {}
 
 
+def _segmenter(described: Mapping[str, Any]) -> str:
+    """`underthesea 9.5.0, function=word_tokenize, ...`: name and version, then the settings."""
+    rest = ", ".join(f"{k}={v}" for k, v in described.items() if k not in ("name", "version"))
+    return f"{described.get('name')} {described.get('version')}" + (f", {rest}" if rest else "")
+
+
 def _protocol_section(name: str, runs: Mapping[str, Mapping[str, Any]], reported: Mapping[str, Scores]) -> list[str]:
     described = next(iter(runs.values())).get("protocol") or {}
     segmenter = described.get("segmenter")
@@ -154,7 +149,7 @@ def _protocol_section(name: str, runs: Mapping[str, Mapping[str, Any]], reported
         f"## {name.capitalize()} protocol",
         "",
         f"Tokenisation: {described.get('tokenisation', 'not recorded')}.",
-        *([f"Segmenter: {', '.join(f'{k} {v}' for k, v in segmenter.items())}."] if segmenter else []),
+        *([f"Segmenter: {_segmenter(segmenter)}."] if segmenter else []),
         "",
         *_metrics_table(runs, _reported_for(name, reported)),
         "",

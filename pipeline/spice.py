@@ -29,6 +29,8 @@ CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar
 MAIN_CLASS = "edu.anu.spice.SpiceScorer"
 MAX_HEAP_MB = 8192  # what SPICE's authors ask for; more buys nothing
 MIN_HEAP_MB = 2048  # CoreNLP's parser models alone take about 1 GB
+TIMEOUT_S = 3600  # parsing KTVIC's test split takes minutes; a JVM silent for an hour has hung
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 
 
 class SpiceFailed(Exception):
@@ -47,10 +49,20 @@ def corenlp_dir() -> Path:
     return Path(configured) if configured else spice_home() / "lib"
 
 
-def heap_mb() -> int:
-    """Half the machine's memory, between SPICE's needs and its authors' 8 GB."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    return max(MIN_HEAP_MB, min(MAX_HEAP_MB, total // 2))
+def memory_mb() -> int:
+    """The memory this process may use: the machine's, or its container's limit where lower."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for path in CGROUP_LIMITS:
+        try:
+            limits.append(int(path.read_text().strip()))
+        except (OSError, ValueError):  # no such cgroup, or "max": no limit
+            pass
+    return min(limits) // 2**20
+
+
+def heap_mb(memory: int) -> int:
+    """Half of `memory` (MB), between SPICE's needs and its authors' 8 GB, and never past three quarters."""
+    return min(max(MIN_HEAP_MB, min(MAX_HEAP_MB, memory // 2)), memory * 3 // 4)
 
 
 def class_path(home: Path, corenlp: Path) -> list[Path]:
@@ -85,7 +97,9 @@ def error_line(output: str) -> str:
     """The line of a JVM's output that says what went wrong: its first exception, else its last line."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     raised = [line for line in lines if "Exception" in line or "Error" in line]
-    return (raised or lines or ["no output"])[0 if raised else -1][:300]
+    if raised:
+        return raised[0][:300]
+    return lines[-1][:300] if lines else "no output"
 
 
 def _mean_f(out_file: Path, images: int) -> float:
@@ -96,15 +110,14 @@ def _mean_f(out_file: Path, images: int) -> float:
         raise SpiceFailed(f"SPICE wrote no readable results ({type(error).__name__}: {error})") from None
     if len(scores) != images:
         raise SpiceFailed(f"SPICE scored {len(scores)} of {images} images")
-    undefined = sum(math.isnan(s) for s in scores)
-    if undefined:
-        raise SpiceFailed(f"SPICE found no scene-graph tuples to compare for {undefined} of {images} images")
-    return sum(scores) / len(scores)
+    # SPICE leaves F undefined where a caption yields no scene-graph tuple (an empty caption, say):
+    # such a caption matches nothing, so it counts 0 rather than making the whole split's mean NaN.
+    return sum(0.0 if math.isnan(s) else s for s in scores) / len(scores)
 
 
 def spice(gts: Mapping[Any, list[str]], res: Mapping[Any, list[str]]) -> float:
     """The mean SPICE F-score of one tokenised candidate per image against its references (pycocoevalcap's
-    figure); raises SpiceFailed saying why when there is none."""
+    figure, an undefined F counted 0); raises SpiceFailed saying why when there is none."""
     home, corenlp = spice_home(), corenlp_dir()
     _check_inputs(home, corenlp)
     data = [{"image_id": str(i), "test": res[i][0], "refs": gts[i]} for i in sorted(gts)]
@@ -112,10 +125,12 @@ def spice(gts: Mapping[Any, list[str]], res: Mapping[Any, list[str]]) -> float:
         in_file, out_file = Path(folder) / "input.json", Path(folder) / "output.json"
         in_file.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
         try:
-            done = subprocess.run(command(in_file, out_file, home, corenlp, heap_mb()),
-                                  capture_output=True, text=True, errors="replace")
+            done = subprocess.run(command(in_file, out_file, home, corenlp, heap_mb(memory_mb())),
+                                  capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S)
         except OSError as error:
             raise SpiceFailed(f"could not start java ({error})") from None
+        except subprocess.TimeoutExpired:
+            raise SpiceFailed(f"SPICE ran past {TIMEOUT_S} s and was stopped") from None
         if done.returncode != 0:
             raise SpiceFailed(f"SPICE exited with code {done.returncode}: {error_line(done.stderr + done.stdout)}")
         return _mean_f(out_file, len(data))

@@ -65,8 +65,9 @@ def score_file(config: Config, captions_file: str | Path, protocol: str | None =
         dropped = [i for i in predictions if i in references and i not in scored]
         references = scored
         predictions = {i: c for i, c in predictions.items() if i not in dropped}
-    blocks = score_captions(references, predictions, chosen(protocol or config.score.protocol), str(captions_file))
-    return laid_out(blocks, model=Path(captions_file).name, split="test", images=len(references), dropped=len(dropped))
+    by_protocol = score_captions(references, predictions, chosen(protocol or config.score.protocol),
+                                 str(captions_file))
+    return laid_out(by_protocol, model=Path(captions_file).name, split="test", images=len(references), dropped=len(dropped))
 
 
 def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
@@ -82,7 +83,7 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
     results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, captions.texts)]
     predictions = {r["image_id"]: r["caption"] for r in results}
     scored = stored(references, store)
-    blocks = score_captions(scored, predictions, chosen(config.score.protocol), str(store.path))
+    by_protocol = score_captions(scored, predictions, chosen(config.score.protocol), str(store.path))
     notes: dict[str, str] = {}
     if captions.clamped_from is not None:
         notes["max_length"] = (
@@ -90,7 +91,7 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
             "the LM's context holds no more after the prefix"
         )
 
-    metrics = laid_out(blocks, model=spec.name, split="test", images=len(scored), unfinished=captions.unfinished,
+    metrics = laid_out(by_protocol, model=spec.name, split="test", images=len(scored), unfinished=captions.unfinished,
                        max_length=captions.max_length, notes=notes)
     write_json(paths.captions_path(config, spec.name), results)
     write_json(paths.metrics_path(config, spec.name), metrics)
@@ -100,7 +101,7 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
             f"({captions.max_length}) without stopping; check lm.stop",
             file=sys.stderr,
         )
-    cider = ", ".join(f"{name} {block['cider']:.4f}" for name, block in blocks.items())
+    cider = ", ".join(f"{name} {block['cider']:.4f}" for name, block in by_protocol.items())
     return metrics, (
         f"score {spec.name}: {len(results)} test images, CIDEr {cider}, {captions.unfinished} unfinished "
         f"-> {paths.metrics_path(config, spec.name)} ({time.perf_counter() - started:.1f} s)"

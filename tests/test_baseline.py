@@ -97,12 +97,30 @@ def test_both_models_are_scored_by_the_same_call(demo, config, monkeypatch, tmp_
             fresh, _ = score.run(rescored, model)
             stored = json.loads(paths.metrics_path(config, model).read_text())
             assert fresh == stored  # decoding is deterministic, so the pipeline's file is this call's result
-    assert len(calls) == 2 and calls[0][0] == calls[1][0]  # the same references, tokenised the same way
+    # Per model, one call per protocol (syllable, then word): the same references, tokenised the same way.
+    assert len(calls) == 4 and calls[0][0] == calls[2][0] and calls[1][0] == calls[3][0]
+    assert calls[0][0] != calls[1][0] and any("_" in ref for refs in calls[1][0].values() for ref in refs)
 
 
-def test_the_comparison_table_says_what_the_metrics_files_say(demo):
-    table = read_markdown_table((demo / "artifacts/report/comparison.md").read_text())
-    for model, name in COLUMNS:
-        scores = json.loads((demo / f"artifacts/metrics/{model}.json").read_text())
-        assert table[name] == {k: None if scores[k] is None else round(scores[k], 4) for k in table[name]}
+def test_the_comparison_tables_say_what_the_metrics_files_say(demo):
+    markdown = (demo / "artifacts/report/comparison.md").read_text()
+    for protocol in ("syllable", "word"):
+        table = read_markdown_table(markdown, protocol)
+        for model, name in COLUMNS:
+            scores = json.loads((demo / f"artifacts/metrics/{model}.json").read_text())
+            scores = scores if protocol == "syllable" else scores["word"]
+            assert table[name] == {k: None if scores[k] is None else round(scores[k], 4) for k in table[name]}
     assert (demo / "artifacts/report/comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_on_word_only_metrics_files(demo_copy, monkeypatch):
+    for model, _ in COLUMNS:  # as `score.protocol: word` writes them: no syllable figures at the top level
+        path = demo_copy / f"artifacts/metrics/{model}.json"
+        scores = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in scores.items() if k not in metrics.METRICS and k != "protocol"}))
+    monkeypatch.chdir(demo_copy)
+    result = CliRunner().invoke(app, ["compare"])
+    assert result.exit_code == 0, result.output
+    assert "compare: CIDEr word cnn_lstm" in result.output
+    markdown = (demo_copy / "artifacts/report/comparison.md").read_text()
+    assert "## Word protocol" in markdown and "## Syllable protocol" not in markdown

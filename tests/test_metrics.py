@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from typing import get_args
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
@@ -12,7 +13,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 
 from pipeline.errors import ViclipError
 from pipeline.metrics import blocks, format_tables, laid_out, score_captions
-from pipeline.protocols import chosen, words
+from pipeline.config import ScoreConfig
+from pipeline.protocols import SETTINGS, chosen, words
 from pipeline.text import tokenize
 
 REFERENCES = {
@@ -72,15 +74,20 @@ def test_word_protocol_places_tone_marks_one_way():
 
 def test_word_protocol_scores_words_not_syllables():
     refs = {1: ["học sinh đi học"] * 5}
-    # Same syllables, but "sinh học" (biology) is one word: the word protocol sees no bigram in common.
-    blocks_ = score_captions(refs, {1: "sinh học đi học"}, chosen("both"))
-    assert blocks_["syllable"]["bleu_1"] == pytest.approx(1.0)
-    assert blocks_["word"]["bleu_1"] < blocks_["syllable"]["bleu_1"]
+    # The same syllables, but other words: "sinh_học đi_học" (study biology) against "học_sinh đi học".
+    by_protocol = score_captions(refs, {1: "sinh học đi học"}, chosen("both"))
+    assert words("sinh học đi học") == "sinh_học đi_học"
+    assert by_protocol["syllable"]["bleu_1"] == pytest.approx(1.0)
+    assert by_protocol["word"]["bleu_1"] == pytest.approx(0.0, abs=1e-9)  # not one word in common
 
 
 @pytest.fixture(scope="module")
 def scored() -> dict:
     return score_captions(REFERENCES, PREDICTIONS, chosen("both"))
+
+
+def test_the_params_setting_and_the_protocols_agree():
+    assert get_args(ScoreConfig.model_fields["protocol"].annotation) == SETTINGS
 
 
 def test_each_protocol_describes_itself_and_the_segmenter_is_pinned(scored):
@@ -111,6 +118,8 @@ def test_tables_are_labelled_by_protocol(scored):
     text = format_tables({"m": laid, "n": laid})
     assert text.index("syllable protocol: NFC") < text.index("word protocol: the syllable protocol's text")
     assert text.count("cider") == 2 and text.count(f"{laid['word']['cider']:.4f}") == 2
+    word_only = laid_out({"word": scored["word"]}, model="w", split="test", images=3)
+    assert "syllable protocol: not in every metrics file" in format_tables({"m": laid, "w": word_only})
 
 
 @pytest.mark.parametrize("predictions, message", [

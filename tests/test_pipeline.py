@@ -23,12 +23,15 @@ def test_demo_runs_both_branches_and_both_models_beat_the_blind_baseline(demo):
         assert metrics["split"] == "test" and metrics["images"] == 80
         assert metrics["spice"] is not None or "CoreNLP" in metrics["notes"]["spice"]
 
-    header, *rows = [line.split() for line in out.split("metric ")[-1].splitlines()[:9]]  # the demo's final table
-    assert header == ["cnn_lstm", "viclipcap", "blind"]
-    cider = dict(zip(header, (float(x) for x in next(r for r in rows if r[0] == "cider")[1:])))
-    # Each trained model must see the image: far above one caption for every image.
-    assert cider["viclipcap"] > cider["blind"] + 1.0, cider
-    assert cider["cnn_lstm"] > cider["blind"] + 1.0, cider
+    # The demo's final tables, one per protocol, each labelled.
+    for protocol in ("syllable", "word"):
+        table = out.split(f"\n{protocol} protocol: ")[-1].split("metric ")[1]
+        header, *rows = [line.split() for line in table.splitlines()[:9]]
+        assert header == ["cnn_lstm", "viclipcap", "blind"]
+        cider = dict(zip(header, (float(x) for x in next(r for r in rows if r[0] == "cider")[1:])))
+        # Each trained model must see the image: far above one caption for every image.
+        assert cider["viclipcap"] > cider["blind"] + 1.0, (protocol, cider)
+        assert cider["cnn_lstm"] > cider["blind"] + 1.0, (protocol, cider)
 
 
 def test_second_repro_does_nothing(demo_copy):

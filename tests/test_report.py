@@ -137,7 +137,7 @@ def test_word_protocol_gets_a_table_of_its_own_without_the_published_columns():
     for name, column in (("cnn_lstm", "CNN+LSTM"), ("viclipcap", "ViCLIPCap")):
         assert words[column] == {k: None if v is None else round(v - 0.1, 4) for k, v in SCORES[name].items()}
     assert read_markdown_table(markdown, "syllable")["ViCLIPCap (reported)"]["cider"] == 0.8127
-    assert "Segmenter: name underthesea, version 9.5.0" in markdown and "KTVIC paper" in markdown
+    assert "Segmenter: underthesea 9.5.0, function=word_tokenize, use_token_normalize=True." in markdown and "KTVIC paper" in markdown
     assert f"- SPICE (word): {SPICE_NOTE}" in markdown and f"- SPICE (syllable): {SPICE_NOTE}" in markdown
 
 

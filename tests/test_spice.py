@@ -66,9 +66,18 @@ def test_the_command_names_the_class_path_and_main_class_without_cache(tmp_path)
     assert command[main + 1:] == [str(tmp_path / "in.json"), "-out", str(tmp_path / "out.json"), "-subset", "-silent"]
 
 
-def test_the_heap_fits_the_machine():
-    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    assert spice.MIN_HEAP_MB <= spice.heap_mb() <= min(spice.MAX_HEAP_MB, max(spice.MIN_HEAP_MB, total_mb // 2))
+@pytest.mark.parametrize("memory, heap", [(1024, 768), (3072, 2048), (6144, 3072), (65536, 8192)])
+def test_the_heap_fits_the_machine(memory, heap):
+    assert spice.heap_mb(memory) == heap
+
+
+def test_a_containers_memory_limit_counts_not_the_hosts(tmp_path, monkeypatch):
+    limited, unlimited = tmp_path / "memory.max", tmp_path / "v1.limit"
+    limited.write_text(f"{3 * 2**30}\n")
+    unlimited.write_text("max\n")
+    monkeypatch.setattr(spice, "CGROUP_LIMITS", (unlimited, limited, tmp_path / "absent"))
+    host_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    assert spice.memory_mb() == min(3072, host_mb)
 
 
 def test_corenlp_comes_from_the_named_folder_else_from_pycocoevalcap(monkeypatch, tmp_path):
@@ -85,9 +94,19 @@ def test_spice_is_the_mean_f_score_and_writes_nothing_beside_the_package(corenlp
     assert sorted(p.name for p in spice.spice_home().iterdir()) == before  # no tmp/ or cache/ in site-packages
 
 
-def test_undefined_f_scores_are_a_reason_not_a_nan(corenlp, tmp_path, monkeypatch):
+def test_an_undefined_f_score_counts_zero_not_nan(corenlp, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{stand_in_java(tmp_path / 'bin', [0.25, 'NaN'])}{os.pathsep}{os.environ['PATH']}")
-    with pytest.raises(spice.SpiceFailed, match="no scene-graph tuples to compare for 1 of 2 images"):
+    assert spice.spice(GTS, RES) == pytest.approx(0.125)
+
+
+def test_a_hung_jvm_is_stopped(corenlp, tmp_path, monkeypatch):
+    hung = tmp_path / "bin" / "java"
+    hung.parent.mkdir()
+    hung.write_text("#!/bin/sh\nexec sleep 30\n")
+    hung.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{hung.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(spice, "TIMEOUT_S", 1)
+    with pytest.raises(spice.SpiceFailed, match="SPICE ran past 1 s and was stopped"):
         spice.spice(GTS, RES)
 
 

@@ -30,7 +30,10 @@ async function getJSON(url) {
 async function loadModels() {
   const info = await getJSON("/v1/models");
   $("models").textContent = "Serving " + info.models.map((m) => {
-    const cider = m.test_metrics && m.test_metrics.cider != null ? `, test CIDEr ${m.test_metrics.cider.toFixed(3)}` : "";
+    // Syllable figures sit at the top of a metrics file, word figures in its `word` block (README, protocols).
+    const scored = m.test_metrics && (m.test_metrics.cider != null ? m.test_metrics : m.test_metrics.word);
+    const cider = scored && scored.cider != null
+      ? `, test CIDEr ${scored.cider.toFixed(3)} (${(scored.protocol && scored.protocol.name) || "syllable"})` : "";
     return `${MODEL_NAMES[m.model] || m.model} (${m.encoder.name} encoder${cider})`;
   }).join(" and ");
   for (const [id, key, limit] of [["beam", "beam_size", "max_beam_size"], ["length", "max_length", "max_length"]]) {
