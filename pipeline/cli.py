@@ -115,9 +115,13 @@ def score(
                 write_json(out, metrics)
                 summary += f" -> {out}"
         typer.echo(format_tables({metrics["model"]: metrics}))
+        for key, note in metrics["notes"].items():  # about the run: top level, whichever protocols were scored
+            if key not in METRICS:
+                typer.echo(f"{key}: {note}")
         for name, block in blocks(metrics).items():
             for key, note in block.get("notes", {}).items():
-                typer.echo(f"{key} ({name}): n/a, {note}" if key in METRICS else f"{key}: {note}")
+                if key in METRICS:
+                    typer.echo(f"{key} ({name}): n/a, {note}")
         typer.echo(summary)
 
 
