@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline import distributed
 from pipeline.config import Config, load_config
 from pipeline.data import SPLITS
 from pipeline.errors import ViclipError
@@ -38,10 +39,11 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 @contextmanager
 def _clear_errors() -> Iterator[None]:
+    where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
     try:
         yield
     except ViclipError as error:
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(f"error: {where}{error}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing half-written was kept", err=True)
@@ -49,8 +51,11 @@ def _clear_errors() -> Iterator[None]:
 
 
 def _run(params: Path, stage: Callable[[Config], str]) -> None:
-    with _clear_errors():
-        typer.echo(stage(load_config(params)))
+    """Run a stage, on every rank where torchrun started several; the main rank prints its summary."""
+    with _clear_errors(), distributed.session():
+        summary = stage(load_config(params))
+        if distributed.is_main():
+            typer.echo(summary)
 
 
 @app.command()
@@ -102,10 +107,14 @@ def score(
             typer.echo("error: --protocol goes with --captions; decoding scores under score.protocol in params",
                        err=True)
             raise typer.Exit(2)
-    with _clear_errors():
+    with _clear_errors(), distributed.session():
         config = load_config(params)
         if captions is None:
             metrics, summary = stage.run(config, model, model_dir)
+            if not distributed.is_main():  # the main rank scored the gathered captions
+                return
+        elif not distributed.is_main():  # nothing to divide: one rank scores the file
+            return
         else:
             metrics = stage.score_file(config, captions, protocol)
             summary = f"score: {metrics['images']} test images from {captions}"
@@ -183,6 +192,14 @@ def demo(
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    try:
+        nproc = distributed.wants_launch(argv)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    if nproc:
+        sys.exit(distributed.launch(nproc, argv))
     app(prog_name="viclip")
 
 

@@ -13,7 +13,8 @@ Precision = Literal["bf16", "fp16", "fp32"]
 
 
 def best_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The GPU this process was given (torchrun's LOCAL_RANK, set by `distributed.session`), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def native_bf16(device: torch.device) -> bool:
