@@ -57,7 +57,7 @@ def extract(device: torch.device, impl: str) -> Case:
 
 
 def caption_set(captions: workload.Captions, captioner, device: torch.device) -> CaptionSet:
-    store = FeatureStore(Path("synthetic"), captions.embeddings, np.arange(len(captions.records)), {})
+    store = FeatureStore(Path("synthetic"), np.arange(len(captions.records)), {}, rows=captions.embeddings)
     return CaptionSet.build(captions.records, store, captions.encode, captioner.max_tokens, device)
 
 

@@ -10,12 +10,14 @@ model's banned tokens are never chosen.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.config import ScoreConfig
 from pipeline.errors import ViclipError
 from pipeline.models.base import CaptionModel
@@ -91,18 +93,21 @@ class Captions:
 
 
 def caption_features(
-    model: CaptionModel, features: torch.Tensor, settings: ScoreConfig, description: str | None = "decode"
+    model: CaptionModel, features: torch.Tensor | Iterable[torch.Tensor], settings: ScoreConfig,
+    description: str | None = "decode", total: int | None = None,
 ) -> Captions:
-    """Captions for (N, ...) image features, decoded `settings.batch_size` images at a time; a progress
-    bar named `description` on a terminal (None: none, as a service decoding many small batches wants)."""
+    """Captions for (N, ...) image features, decoded `settings.batch_size` images at a time, or for an iterable
+    of such batches (`total` of them: a store streamed from disk). A progress bar named `description` on a
+    terminal (None: none, as a service decoding many small batches wants)."""
     # The LM's context holds the prefix and the caption: never ask for positions it does not have.
     limit = settings.max_length if model.max_tokens is None else min(settings.max_length, model.max_tokens)
     if limit < 1:
         raise ViclipError(f"the LM's context holds no caption token after the prefix ({model.max_tokens} positions left)")
+    batches = features.split(settings.batch_size) if isinstance(features, torch.Tensor) else features
     texts: list[str] = []
     unfinished = 0
-    for batch in tqdm(features.split(settings.batch_size), desc=description, unit="batch",
-                      disable=None if description else True):
+    for batch in tqdm(batches, desc=description, unit="batch", total=total,
+                      disable=distributed.progress_disabled() if description else True):
         decoded = beam_search(model, batch, settings.beam_size, limit, settings.length_penalty)
         texts += [model.decode(tokens) for tokens in decoded.tokens]
         unfinished += decoded.finished.count(False)

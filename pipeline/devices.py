@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,8 @@ from typing import Literal
 import torch
 
 Precision = Literal["bf16", "fp16", "fp32"]
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+FEATURE_BUDGET = "VICLIP_FEATURE_BUDGET_MB"  # overrides `feature_budget`: how much of a store is kept in memory
 
 
 def best_device() -> torch.device:
@@ -56,3 +59,24 @@ def hardware(device: torch.device) -> str:
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
     return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def memory_mb() -> int:
+    """The memory this process may use: the machine's, or its container's limit where lower."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for path in CGROUP_LIMITS:
+        try:
+            limits.append(int(path.read_text().strip()))
+        except (OSError, ValueError):  # no such cgroup, or "max": no limit
+            pass
+    return min(limits) // 2**20
+
+
+def feature_budget(device: torch.device) -> int:
+    """Bytes of image features a run may hold on `device`: a quarter of the GPU's memory, or of the host's
+    (the LM, activations and other processes need the rest). A store over budget is streamed from disk."""
+    if os.environ.get(FEATURE_BUDGET):
+        return int(float(os.environ[FEATURE_BUDGET]) * 2**20)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return memory_mb() * 2**20 // 4

@@ -16,10 +16,10 @@ of them: a store extracted on a GPU serves a CPU run as well.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,64 @@ from pipeline.io import atomic_path
 
 FORMAT = "viclip-features/1"
 JSON_ATTRS = ("skipped_ids", "skipped_images")  # lists, stored as JSON text
-CHUNK_BYTES = 1 << 20  # HDF5 reads whole chunks: about 1 MB each, whatever the row size
+# HDF5 reads whole chunks, and training reads random rows: small chunks (about 64 KB, one row at least),
+# so a CNN grid (about 200 KB) is one chunk and a random CLIP row costs a 64 KB read.
+CHUNK_BYTES = 1 << 16
 
 
-@dataclass(frozen=True)
 class FeatureStore:
-    path: Path
-    embeddings: np.ndarray  # (N, D) or (N, P, D), float32 or float16
-    image_ids: np.ndarray  # (N,) int64
-    attrs: dict[str, Any]
+    """An open store: its ids and attributes in memory, its rows read on demand, so a store larger than
+    memory is never loaded whole. `embeddings` loads every row, for stores known to be small."""
 
-    def rows(self, image_ids: list[int]) -> np.ndarray:
-        """Embeddings of the given images, in that order."""
+    def __init__(self, path: Path, image_ids: np.ndarray, attrs: dict[str, Any], rows: np.ndarray | None = None):
+        self.path = path
+        self.image_ids = image_ids  # (N,) int64
+        self.attrs = attrs
+        self._rows = rows  # every row, where they were given rather than read from `path`
+        self._file: h5py.File | None = None
+
+    def _dataset(self) -> h5py.Dataset:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return self._file["embeddings"]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self._rows if self._rows is not None else self._dataset()
+        return int(np.prod(rows.shape[1:])) * rows.dtype.itemsize
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """(N, D) or (N, P, D), float32 or float16: every row."""
+        return self._rows if self._rows is not None else self._dataset()[:]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The given rows, in that order: each distinct row read once, in file order (HDF5 reads whole chunks)."""
+        if self._rows is not None:
+            return self._rows[rows]
+        distinct, where = np.unique(rows, return_inverse=True)
+        return self._dataset()[distinct][where.reshape(-1)]
+
+    def slices(self, rows: range, batch_size: int) -> Iterator[np.ndarray]:
+        """Rows `rows` in batches of `batch_size`, read in order: memory bounded by one batch."""
+        for start in range(rows.start, rows.stop, batch_size):
+            stop = min(start + batch_size, rows.stop)
+            yield self._rows[start:stop] if self._rows is not None else self._dataset()[start:stop]
+
+    def positions(self, image_ids: list[int]) -> np.ndarray:
+        """The row of each given image, in that order."""
         index = {int(image_id): row for row, image_id in enumerate(self.image_ids)}
-        return self.embeddings[[index[image_id] for image_id in image_ids]]
+        return np.array([index[image_id] for image_id in image_ids], dtype=np.int64)
+
+    def identity(self) -> dict[str, Any]:
+        """What tells this store's contents from another's without reading every row: its attributes,
+        size in bytes and image ids."""
+        ids = hashlib.sha256(self.image_ids.tobytes()).hexdigest()
+        size = self.path.stat().st_size if self._rows is None else self._rows.nbytes
+        return {"attrs": self.attrs, "bytes": size, "image_ids": ids}
 
 
 class StoreWriter:
@@ -107,7 +151,8 @@ def open_store(path: str | Path, expected: Mapping[str, Any]) -> FeatureStore:
             attrs.update({key: json.loads(attrs[key]) for key in JSON_ATTRS if key in attrs})
             if attrs.get("format") != FORMAT:
                 raise ViclipError(f"{path}: not a viclip feature store (format {attrs.get('format')!r})")
-            embeddings = file["embeddings"][:]
+            if "embeddings" not in file or "image_ids" not in file or len(file["embeddings"]) != len(file["image_ids"]):
+                raise ViclipError(f"{path}: malformed feature store (embeddings and image_ids do not match)")
             image_ids = file["image_ids"][:]
     except OSError as error:
         raise ViclipError(f"{path}: unreadable feature store ({error})") from None
@@ -117,4 +162,4 @@ def open_store(path: str | Path, expected: Mapping[str, Any]) -> FeatureStore:
                 f"{path}: store has {key}={attrs.get(key)!r} but {want!r} is expected; "
                 "re-run `viclip extract` with the current params"
             )
-    return FeatureStore(path, embeddings, image_ids, attrs)
+    return FeatureStore(path, image_ids, attrs)

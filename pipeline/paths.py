@@ -27,6 +27,11 @@ def train_log(config: Config, model: str = MODEL) -> Path:
     return Path(config.train.out) / f"{model}.csv"
 
 
+def checkpoint_path(config: Config, model: str = MODEL) -> Path:
+    """Where training keeps its resume state: beside the model directory, which DVC deletes before a run."""
+    return Path(config.train.out) / f".{model}.resume.pt"
+
+
 def metrics_path(config: Config, model: str = MODEL) -> Path:
     return Path(config.score.out) / f"{model}.json"
 

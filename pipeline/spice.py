@@ -24,13 +24,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.devices import memory_mb
+
 CORENLP_ENV = "VICLIP_CORENLP"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 MAIN_CLASS = "edu.anu.spice.SpiceScorer"
 MAX_HEAP_MB = 8192  # what SPICE's authors ask for; more buys nothing
 MIN_HEAP_MB = 2048  # CoreNLP's parser models alone take about 1 GB
 TIMEOUT_S = 3600  # parsing KTVIC's test split takes minutes; a JVM silent for an hour has hung
-CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 
 
 class SpiceFailed(Exception):
@@ -47,17 +48,6 @@ def spice_home() -> Path:
 def corenlp_dir() -> Path:
     configured = os.environ.get(CORENLP_ENV)
     return Path(configured) if configured else spice_home() / "lib"
-
-
-def memory_mb() -> int:
-    """The memory this process may use: the machine's, or its container's limit where lower."""
-    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
-    for path in CGROUP_LIMITS:
-        try:
-            limits.append(int(path.read_text().strip()))
-        except (OSError, ValueError):  # no such cgroup, or "max": no limit
-            pass
-    return min(limits) // 2**20
 
 
 def heap_mb(memory: int) -> int:

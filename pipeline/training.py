@@ -1,4 +1,12 @@
-"""Caption batches kept on the device, and the epoch loops that train and validate a model (either one)."""
+"""Caption batches kept on the device, and the epoch loops that train and validate a model (either one).
+
+On several processes (torchrun) every rank walks the same shuffled order of global batches
+(`train.*.batch_size` captions each) and takes its contiguous share of each. A rank's loss is its share's
+token mean, weighted by its share of the global batch's tokens times the number of ranks;
+DistributedDataParallel averages gradients over ranks, so what is optimised is the global batch's token
+mean, exactly as on one process. No caption is padded in or dropped: a rank whose share of the last batch
+is empty runs one caption with weight 0, since every rank must take part in each gradient exchange.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +19,10 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from pipeline import distributed
 from pipeline.config import TrainSettings
 from pipeline.data import ImageRecord
-from pipeline.devices import Precision, autocast, precision
+from pipeline.devices import Precision, autocast, feature_budget, precision
 from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore
 from pipeline.models.base import CaptionModel
@@ -27,9 +36,10 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class CaptionSet:
-    """Every caption of a split, tokenised once, padded once, on the device."""
+    """Every caption of a split, tokenised once, padded once, on the device; the image features too where
+    they fit the device's budget (`devices.feature_budget`), else each batch's rows are read from the store."""
 
-    features: torch.Tensor  # (N, ...) one row of features per image
+    features: torch.Tensor | FeatureStore  # (N, ...) one row of features per image, or the store to read them from
     image_rows: torch.Tensor  # (M,) the image row of each caption
     tokens: torch.Tensor  # (M, T) right-padded token ids, the stop included
     lengths: torch.Tensor  # (M,) real tokens per caption
@@ -56,30 +66,48 @@ class CaptionSet:
         tokens = torch.zeros((len(ids), longest), dtype=torch.long)  # padding is masked, whatever its id
         for row, caption in enumerate(ids):
             tokens[row, : len(caption)] = torch.tensor(caption)
-        image_rows = [row for row, r in enumerate(records) for _ in r.captions]
-        features = store.rows([r.image_id for r in records])
+        rows = store.positions([r.image_id for r in records])
+        if len(rows) * store.row_bytes <= feature_budget(device):
+            features: torch.Tensor | FeatureStore = torch.from_numpy(store.embeddings[rows]).to(device)
+            image_rows = [row for row, r in enumerate(records) for _ in r.captions]
+        else:
+            features = store
+            image_rows = [row for row, r in zip(rows, records) for _ in r.captions]
         return cls(
-            torch.from_numpy(features).to(device),
+            features,
             torch.tensor(image_rows, device=device),
             tokens.to(device),
             torch.tensor([len(t) for t in ids], device=device),
         )
+
+    def rows(self, captions: torch.Tensor) -> torch.Tensor:
+        """The image features of the given captions, on the device."""
+        if isinstance(self.features, torch.Tensor):
+            return self.features[self.image_rows[captions]]
+        rows = self.features.read(self.image_rows[captions].cpu().numpy())
+        return torch.from_numpy(rows).to(self.tokens.device, non_blocking=True)
 
     def __len__(self) -> int:
         return len(self.image_rows)
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(features (B, ...), tokens (B, T), mask (B, T)), each cut to its longest caption."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        """This rank's share of each global batch: (features (b, ...), tokens (b, T), mask (b, T), weight),
+        cut to its longest caption; weight scales the share's mean loss into its part of the global mean."""
         order = torch.randperm(len(self), generator=generator) if generator else torch.arange(len(self))
+        ranks = distributed.world_size()
         for start in range(0, len(self), batch_size):
             rows = order[start : start + batch_size].to(self.tokens.device)
+            share = distributed.shard(len(rows))
+            lengths = self.lengths[rows]
+            weight = float(lengths[share.start : share.stop].sum()) / float(lengths.sum()) * ranks
+            rows = rows[share.start : share.stop] if len(share) else rows[:1]
             lengths = self.lengths[rows]
             width = int(lengths.max())
             tokens = self.tokens[rows, :width]
             mask = torch.arange(width, device=tokens.device) < lengths.unsqueeze(1)
-            yield self.features[self.image_rows[rows]], tokens, mask
+            yield self.rows(rows), tokens, mask, weight
 
 
 @dataclass
@@ -105,7 +133,14 @@ class Optimisation:
             settings.grad_clip, policy, torch.amp.GradScaler(device.type, enabled=policy == "fp16"),
         )
 
-    def step(self, model: CaptionModel, loss: torch.Tensor) -> None:
+    def state_dict(self) -> dict:
+        return {part: getattr(self, part).state_dict() for part in ("optimizer", "scheduler", "scaler")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for part, values in state.items():
+            getattr(self, part).load_state_dict(values)
+
+    def step(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip is not None:
@@ -119,29 +154,35 @@ class Optimisation:
 
 
 def train_epoch(
-    model: CaptionModel, data: CaptionSet, batch_size: int, optimisation: Optimisation,
+    model: torch.nn.Module, data: CaptionSet, batch_size: int, optimisation: Optimisation,
     generator: torch.Generator, description: str,
 ) -> float:
-    """One pass over `data`; returns the caption-weighted mean training loss."""
+    """One pass over `data`; returns the token mean of the training loss over every rank. `model` is the
+    CaptionModel, or its DistributedDataParallel wrapper: the loss goes through its forward either way."""
     model.train()
-    total, count = 0.0, 0
+    total, tokens_seen = 0.0, 0.0
     steps = (len(data) + batch_size - 1) // batch_size
-    for features, tokens, mask in tqdm(data.batches(batch_size, generator), total=steps, desc=description, disable=None):
+    batches = data.batches(batch_size, generator)
+    for features, tokens, mask, weight in tqdm(batches, total=steps, desc=description, disable=distributed.progress_disabled()):
         with autocast(features.device, optimisation.policy):
-            loss = model.loss(features, tokens, mask)
-        optimisation.step(model, loss)
-        total += loss.item() * len(tokens)
-        count += len(tokens)
-    return total / count
+            loss = model(features, tokens, mask)
+        optimisation.step(model, loss * weight)
+        count = float(mask.sum()) if weight else 0.0
+        total += loss.item() * count
+        tokens_seen += count
+    total, tokens_seen = distributed.all_sum(total, tokens_seen)
+    return total / tokens_seen
 
 
 @torch.no_grad()
 def evaluate(model: CaptionModel, data: CaptionSet, batch_size: int, policy: Precision) -> float:
-    """Caption-weighted mean loss over `data`, no gradients."""
+    """The token mean of the loss over `data` (each rank scores its share of each batch), no gradients."""
     model.eval()
-    total, count = 0.0, 0
-    for features, tokens, mask in data.batches(batch_size):
+    total, tokens_seen = 0.0, 0.0
+    for features, tokens, mask, weight in data.batches(batch_size):
+        count = float(mask.sum()) if weight else 0.0
         with autocast(features.device, policy):
-            total += model.loss(features, tokens, mask).item() * len(tokens)
-        count += len(tokens)
-    return total / count
+            total += model.loss(features, tokens, mask).item() * count
+        tokens_seen += count
+    total, tokens_seen = distributed.all_sum(total, tokens_seen)
+    return total / tokens_seen

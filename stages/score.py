@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import paths
+from pipeline import distributed, paths
 from pipeline.config import Config
 from pipeline.data import load_splits
 from pipeline.decoding import caption_features
@@ -71,7 +71,10 @@ def score_file(config: Config, captions_file: str | Path, protocol: str | None =
 
 
 def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
-    """Decode the test split with a trained model and score it; `model_dir` overrides where it is read from."""
+    """Decode the test split with a trained model and score it; `model_dir` overrides where it is read from.
+
+    Under torchrun each rank decodes its share of whole batches, streamed from the store; the main rank
+    gathers the captions, scores them once and writes; the others return ({}, "")."""
     started = time.perf_counter()
     model_dir = Path(model_dir or paths.model_dir(config, model_name))
     references = test_references(config)
@@ -79,8 +82,16 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
     model, spec = load_model(model_dir, device)
     store = open_store(paths.store_path(config, "test", family(spec.name).encoder), spec.encoder)
 
-    captions = caption_features(model, torch.from_numpy(store.embeddings).to(device), config.score)
-    results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, captions.texts)]
+    size = config.score.batch_size
+    mine = distributed.shard(-(-len(store) // size))
+    rows = range(mine.start * size, min(mine.stop * size, len(store)))
+    batches = (torch.from_numpy(batch).to(device) for batch in store.slices(rows, size))
+    captions = caption_features(model, batches, config.score, total=len(mine))
+    shares = distributed.gather((captions.texts, captions.unfinished))
+    if not distributed.is_main():
+        return {}, ""
+    texts, unfinished = [t for share, _ in shares for t in share], sum(n for _, n in shares)
+    results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, texts)]
     predictions = {r["image_id"]: r["caption"] for r in results}
     scored = stored(references, store)
     by_protocol = score_captions(scored, predictions, chosen(config.score.protocol), str(store.path))
@@ -91,18 +102,18 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
             "the LM's context holds no more after the prefix"
         )
 
-    metrics = laid_out(by_protocol, model=spec.name, split="test", images=len(scored), unfinished=captions.unfinished,
+    metrics = laid_out(by_protocol, model=spec.name, split="test", images=len(scored), unfinished=unfinished,
                        max_length=captions.max_length, notes=notes)
     write_json(paths.captions_path(config, spec.name), results)
     write_json(paths.metrics_path(config, spec.name), metrics)
-    if captions.unfinished > UNFINISHED_WARNING * len(results):
+    if unfinished > UNFINISHED_WARNING * len(results):
         print(
-            f"warning: {captions.unfinished} of {len(results)} captions reached score.max_length "
+            f"warning: {unfinished} of {len(results)} captions reached score.max_length "
             f"({captions.max_length}) without stopping; check lm.stop",
             file=sys.stderr,
         )
     cider = ", ".join(f"{name} {block['cider']:.4f}" for name, block in by_protocol.items())
     return metrics, (
-        f"score {spec.name}: {len(results)} test images, CIDEr {cider}, {captions.unfinished} unfinished "
+        f"score {spec.name}: {len(results)} test images, CIDEr {cider}, {unfinished} unfinished "
         f"-> {paths.metrics_path(config, spec.name)} ({time.perf_counter() - started:.1f} s)"
     )

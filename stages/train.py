@@ -2,27 +2,48 @@
 
 Either model, one loop: AdamW on the trainable parameters, linear warm-up then
 decay, validation loss after every epoch, the best epoch's weights kept, and
-early stopping after `patience` epochs without improvement.
+early stopping after `patience` epochs without improvement. Each epoch ends with a
+checkpoint (pipeline/checkpoint.py), so a killed run resumes where it was. Under torchrun
+what is trained is wrapped in DistributedDataParallel; the main rank writes.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import paths
+from pipeline import checkpoint, distributed, paths
 from pipeline.config import Config, dump_config
 from pipeline.data import load_splits
 from pipeline.devices import best_device, hardware
 from pipeline.encoders import encoder_attrs
-from pipeline.features import open_store
+from pipeline.errors import ViclipError
+from pipeline.features import FeatureStore, open_store
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.models import CONFIG, family, spec_for
 from pipeline.models.base import trainable_parameters
 from pipeline.training import CaptionSet, Optimisation, evaluate, seed_everything, train_epoch
 
 PRECISION_NOTES = {"bf16": "bf16 autocast", "fp16": "fp16 autocast, gradient scaler", "fp32": "fp32"}
+
+
+def _fingerprint(config: Config, model_name: str, stores: dict[str, FeatureStore]) -> str:
+    """The settings, data and processes a checkpoint belongs to (the code is added by `checkpoint`)."""
+    return checkpoint.fingerprint({
+        "model": model_name,
+        "sections": {s: getattr(config, s).model_dump() for s in ("data", *family(model_name).sections)},
+        "seed": config.train.seed,
+        "train": getattr(config.train, model_name).model_dump(),
+        "stores": {split: store.identity() for split, store in stores.items()},
+        "processes": distributed.world_size(),
+    })
+
+
+def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def run(config: Config, model_name: str = paths.MODEL) -> str:
@@ -43,43 +64,84 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
         split: CaptionSet.build(records[split], stores[split], model.encode, model.max_tokens, device)
         for split in stores
     }
+    for split, captions in data.items():
+        if isinstance(captions.features, FeatureStore) and distributed.is_main():
+            print(f"train {model_name}: {split} features over the memory budget, read from disk batch by batch",
+                  file=sys.stderr)
     steps = settings.epochs * -(-len(data["train"]) // settings.batch_size)
     optimisation = Optimisation.build(model, settings, steps, device)
     generator = torch.Generator().manual_seed(config.train.seed)
+    if distributed.world_size() > 1:
+        # Every rank built the same weights from the same seed; from here each draws its own dropout masks
+        # (the baseline's; the mapper has none), rank 0 the one-process stream.
+        torch.manual_seed(config.train.seed + 7919 * distributed.rank())
+    trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if distributed.world_size() > 1 else model
 
+    resume_path = paths.checkpoint_path(config, model_name)
+    fingerprint = _fingerprint(config, model_name, stores)
+    state, why = checkpoint.load(resume_path, fingerprint)
+    if len(set(distributed.gather(state and state["epoch"]))) > 1:
+        raise ViclipError(f"{resume_path}: the ranks see different checkpoints; put train.out where every machine sees it")
     log = ["epoch,train_loss,val_loss,lr,seconds"]
-    best_loss, best_epoch = float("inf"), 0
-    with atomic_path(paths.model_dir(config, model_name)) as model_dir:
-        model_dir.mkdir()
-        for epoch in range(1, settings.epochs + 1):
-            epoch_start = time.perf_counter()
-            train_loss = train_epoch(
-                model, data["train"], settings.batch_size, optimisation, generator,
-                f"{model_name} epoch {epoch}/{settings.epochs}",
-            )
-            val_loss = evaluate(model, data["val"], settings.batch_size, optimisation.policy)
-            log.append(
-                f"{epoch},{train_loss:.6f},{val_loss:.6f},{optimisation.scheduler.get_last_lr()[0]:.3g},"
-                f"{time.perf_counter() - epoch_start:.2f}"
-            )
+    epoch, best_loss, best_epoch, best, elapsed = 0, float("inf"), 0, None, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimisation.load_state_dict(state["optimisation"])
+        generator.set_state(state["generator"])
+        checkpoint.set_rng_state(state["rng"][distributed.rank()])
+        epoch, log, best_loss, best_epoch, elapsed = (state[k] for k in ("epoch", "log", "best_loss", "best_epoch", "elapsed"))
+        best = state["best"] or state["model"]
+        why = f"train {model_name}: resuming after epoch {epoch} from {resume_path}"
+    if why and distributed.is_main():
+        print(why, file=sys.stderr)
+
+    while epoch < settings.epochs and epoch - best_epoch < settings.patience:
+        epoch += 1
+        epoch_start = time.perf_counter()
+        train_loss = train_epoch(
+            trained, data["train"], settings.batch_size, optimisation, generator,
+            f"{model_name} epoch {epoch}/{settings.epochs}",
+        )
+        val_loss = evaluate(model, data["val"], settings.batch_size, optimisation.policy)
+        log.append(
+            f"{epoch},{train_loss:.6f},{val_loss:.6f},{optimisation.scheduler.get_last_lr()[0]:.3g},"
+            f"{time.perf_counter() - epoch_start:.2f}"
+        )
+        improved = val_loss < best_loss
+        if improved:
+            best_loss, best_epoch = val_loss, epoch
+        rng = distributed.gather(checkpoint.rng_state())
+        if distributed.is_main():
             write_text(paths.train_log(config, model_name), "\n".join(log) + "\n")
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
-                model.save(model_dir)
-            elif epoch - best_epoch >= settings.patience:
-                break
+            current = _copy(model)
+            best = current if improved else best
+            checkpoint.save(resume_path, fingerprint, {
+                "epoch": epoch, "model": current, "best": None if improved else best,
+                "optimisation": optimisation.state_dict(), "generator": generator.get_state(), "rng": rng,
+                "log": log, "best_loss": best_loss, "best_epoch": best_epoch,
+                "elapsed": elapsed + time.perf_counter() - started,
+            })
+
+    if distributed.is_main():
+        model.load_state_dict(best)
         spec = spec_for(model_name, config, encoder, {
             "trainable_parameters": trainable_parameters(model),
             "epochs": epoch,
             "best_epoch": best_epoch,
             "val_loss": round(best_loss, 6),
-            "train_seconds": round(time.perf_counter() - started, 1),
+            "train_seconds": round(elapsed + time.perf_counter() - started, 1),
             "device": hardware(device),
+            "processes": distributed.world_size(),
             "precision": PRECISION_NOTES[optimisation.policy],
             **model.record(),
         })
-        write_json(model_dir / CONFIG, spec.to_json())
-        write_text(model_dir / "params.yaml", dump_config(config))
+        with atomic_path(paths.model_dir(config, model_name)) as model_dir:
+            model_dir.mkdir()
+            model.save(model_dir)
+            write_json(model_dir / CONFIG, spec.to_json())
+            write_text(model_dir / "params.yaml", dump_config(config))
+        resume_path.unlink(missing_ok=True)
 
     stopped = f", stopped early at epoch {epoch}" if epoch < settings.epochs else ""
     return (

@@ -145,6 +145,6 @@ def test_caption_sets_cut_batches_to_the_longest_caption(demo, config):
         store = open_store("artifacts/features/clip/val.h5", {})
     data = CaptionSet.build(records, store, lm.encode, 60, CPU)
     assert len(data) == 5 * len(records)
-    for embeddings, tokens, mask in data.batches(7):
+    for embeddings, tokens, mask, _ in data.batches(7):
         assert mask[:, -1].any() and mask.sum(1).tolist() == [int(m.sum()) for m in mask]
         assert embeddings.shape == (len(tokens), store.embeddings.shape[1])

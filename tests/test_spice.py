@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import metrics, spice
+from pipeline import devices, metrics, spice
 from pipeline.metrics import score_tokenized
 
 GTS = {1: ["một con mèo nằm trên ghế", "con mèo trên ghế"], 2: ["hai người đi trên phố", "người đi bộ"]}
@@ -75,9 +75,9 @@ def test_a_containers_memory_limit_counts_not_the_hosts(tmp_path, monkeypatch):
     limited, unlimited = tmp_path / "memory.max", tmp_path / "v1.limit"
     limited.write_text(f"{3 * 2**30}\n")
     unlimited.write_text("max\n")
-    monkeypatch.setattr(spice, "CGROUP_LIMITS", (unlimited, limited, tmp_path / "absent"))
+    monkeypatch.setattr(devices, "CGROUP_LIMITS", (unlimited, limited, tmp_path / "absent"))
     host_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    assert spice.memory_mb() == min(3072, host_mb)
+    assert devices.memory_mb() == min(3072, host_mb)
 
 
 def test_corenlp_comes_from_the_named_folder_else_from_pycocoevalcap(monkeypatch, tmp_path):

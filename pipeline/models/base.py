@@ -42,6 +42,10 @@ class CaptionModel(nn.Module):
         """Training loss of right-padded (B, T) tokens given (B, ...) image features; mask marks real tokens."""
         raise NotImplementedError
 
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The training loss: DistributedDataParallel exchanges gradients only for what runs through forward."""
+        return self.loss(features, tokens, mask)
+
     def start_decoding(self, features: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
         """(N, V) logits of each image's first token, and step(rows, tokens) -> (N * beams, V) logits of
         the next: row r continues the beam in row rows[r] of the previous step with token tokens[r]."""

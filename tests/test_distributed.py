@@ -1,0 +1,203 @@
+"""Many processes, one result; crash, then resume; stores streamed from disk.
+
+Runs `viclip` as torchrun runs it (2 gloo processes on the CPU, in fp32) against one process, kills
+`viclip train` with SIGKILL mid-run and resumes it, and trains from a store read batch by batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pipeline.config import dump_config, load_config
+from tests.conftest import VICLIP
+
+FP32 = {"VICLIP_PRECISION": "fp32"}  # this CPU would pick bf16; the comparisons are in fp32
+
+
+def run(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*VICLIP, *args], capture_output=True, text=True, env={**os.environ, **FP32, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*VICLIP, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **FP32, **(env or {})})
+
+
+def edit(project: Path, **changes) -> None:
+    """edit(project, train__viclipcap__epochs=3): set nested params keys."""
+    params = load_config(project / "params.yaml").model_dump()
+    for dotted, value in changes.items():
+        *sections, key = dotted.split("__")
+        target = params
+        for section in sections:
+            target = target[section]
+        target[key] = value
+    (project / "params.yaml").write_text(dump_config(params))
+
+
+def weights(model_dir: Path) -> dict[str, np.ndarray]:
+    return load_file(str(model_dir / "mapper.safetensors"))
+
+
+def val_losses(log: Path) -> list[float]:
+    return [float(line.split(",")[2]) for line in log.read_text().splitlines()[1:]]
+
+
+def test_two_processes_train_and_score_as_one(project):
+    # 55 training captions in batches of 27: the last batch is one caption, so one rank's share is empty.
+    edit(project, train__viclipcap__epochs=3, train__viclipcap__batch_size=27, score__batch_size=1)
+    run("extract")
+    run("train")
+    run("score")
+    one = {name: (project / "artifacts" / name).read_bytes() for name in
+           ("models/viclipcap/mapper.safetensors", "models/viclipcap.csv", "metrics/viclipcap.captions.json")}
+    one_spec = json.loads((project / "artifacts/models/viclipcap/config.json").read_text())
+    one_metrics = json.loads((project / "artifacts/metrics/viclipcap.json").read_text())
+
+    two = run("train", env={"VICLIP_NPROC": "2"})
+    assert "train viclipcap" in two.stdout and two.stdout.count("train viclipcap") == 1  # one rank prints
+    spec = json.loads((project / "artifacts/models/viclipcap/config.json").read_text())
+    assert spec["processes"] == 2 and one_spec["processes"] == 1
+    assert spec["val_loss"] == pytest.approx(one_spec["val_loss"], rel=1e-5)
+    assert val_losses(project / "artifacts/models/viclipcap.csv") == pytest.approx(
+        [float(line.split(",")[2]) for line in one["models/viclipcap.csv"].decode().splitlines()[1:]], rel=1e-5)
+    ours = weights(project / "artifacts/models/viclipcap")
+    (project / "one.safetensors").write_bytes(one["models/viclipcap/mapper.safetensors"])
+    theirs = load_file(str(project / "one.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+    # Score the one-process model on two processes: the same captions, the same metrics.
+    (project / "artifacts/models/viclipcap/mapper.safetensors").write_bytes(one["models/viclipcap/mapper.safetensors"])
+    scored = run("score", env={"VICLIP_NPROC": "2"})
+    assert scored.stdout.count("score viclipcap") == 1
+    assert (project / "artifacts/metrics/viclipcap.captions.json").read_bytes() == one["metrics/viclipcap.captions.json"]
+    metrics = json.loads((project / "artifacts/metrics/viclipcap.json").read_text())
+    assert metrics["cider"] == one_metrics["cider"] and metrics["bleu_4"] == one_metrics["bleu_4"]
+
+
+def test_torchrun_runs_the_cli_directly(project):
+    edit(project, train__viclipcap__epochs=1)
+    run("extract")
+    result = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "train"],
+        capture_output=True, text=True, env={**os.environ, **FP32},
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((project / "artifacts/models/viclipcap/config.json").read_text())["processes"] == 2
+
+
+def _kill_after_checkpoint(process: subprocess.Popen, checkpoint: Path) -> None:
+    """SIGKILL once the first epoch's checkpoint exists; the run must not have finished by then."""
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_train_resumes_after_sigkill_and_ends_as_an_uninterrupted_run(project):
+    edit(project, train__viclipcap__epochs=30, train__viclipcap__patience=30)
+    run("extract")
+    run("train")
+    uninterrupted = (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes()
+    log = [line.rsplit(",", 1)[0] for line in (project / "artifacts/models/viclipcap.csv").read_text().splitlines()]
+    model_dir, checkpoint = project / "artifacts/models/viclipcap", project / "artifacts/models/.viclipcap.resume.pt"
+    assert not checkpoint.exists()  # a finished run leaves none behind
+
+    # As DVC does before running the stage: the outputs are gone.
+    for path in (model_dir / "mapper.safetensors", model_dir / "config.json", model_dir / "params.yaml"):
+        path.unlink()
+    model_dir.rmdir()
+    _kill_after_checkpoint(start("train"), checkpoint)
+    assert not model_dir.exists(), "the run finished before it was killed: nothing was tested"
+
+    resumed = run("train")
+    assert "resuming after epoch" in resumed.stderr
+    assert int(resumed.stderr.split("resuming after epoch ")[1].split()[0]) < 30
+    assert (model_dir / "mapper.safetensors").read_bytes() == uninterrupted
+    again = [line.rsplit(",", 1)[0] for line in (project / "artifacts/models/viclipcap.csv").read_text().splitlines()]
+    assert again == log  # every epoch's losses and learning rate, to the last digit
+    assert not checkpoint.exists()
+
+
+def test_a_checkpoint_of_other_settings_is_ignored(project):
+    edit(project, train__viclipcap__epochs=30, train__viclipcap__patience=30)
+    run("extract")
+    checkpoint = project / "artifacts/models/.viclipcap.resume.pt"
+    _kill_after_checkpoint(start("train"), checkpoint)
+
+    edit(project, train__viclipcap__lr=1e-3, train__viclipcap__epochs=2)
+    other = run("train")
+    assert "checkpoint of other settings, data or code, ignored" in other.stderr
+    assert "resuming" not in other.stderr
+    fresh = (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes()
+    run("train")
+    assert (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes() == fresh
+
+    checkpoint.write_bytes(b"not a checkpoint")
+    garbage = run("train")
+    assert "unreadable checkpoint ignored" in garbage.stderr
+    assert (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes() == fresh
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"VICLIP_TEST_MARKER={marker}".encode() in environ and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_ends_the_run_with_an_error_not_a_hang(project):
+    edit(project, train__viclipcap__epochs=200, train__viclipcap__patience=200)
+    run("extract")
+    marker = uuid.uuid4().hex
+    process = start("train", env={"VICLIP_NPROC": "2", "VICLIP_TEST_MARKER": marker})
+    checkpoint = project / "artifacts/models/.viclipcap.resume.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() or _rank_pid(marker, 1) is None:  # both ranks are training
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    os.kill(_rank_pid(marker, 1), signal.SIGKILL)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the run hung after a rank died")
+    assert process.returncode == 1
+    assert stderr.strip().splitlines()[-1] == "error: viclip train on 2 processes failed: rank 1 (killed by SIGKILL)"
+    assert not (project / "artifacts/models/viclipcap").exists()
+
+
+@pytest.mark.parametrize("model", ["viclipcap", "cnn_lstm"])
+def test_a_store_over_the_memory_budget_is_streamed_with_the_same_result(project, model):
+    encoder = "clip" if model == "viclipcap" else "cnn"
+    edit(project, **{f"train__{model}__epochs": 2})
+    run("extract", "--encoder", encoder)
+    run("train", "--model", model)
+    in_memory = (project / "artifacts/models" / model).glob("*.safetensors")
+    in_memory = {p.name: p.read_bytes() for p in in_memory}
+    result = run("train", "--model", model, env={"VICLIP_FEATURE_BUDGET_MB": "0"})
+    assert "over the memory budget, read from disk batch by batch" in result.stderr
+    streamed = {p.name: p.read_bytes() for p in (project / "artifacts/models" / model).glob("*.safetensors")}
+    assert streamed == in_memory
