@@ -121,10 +121,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as error:
-        failed = ", ".join(
-            f"rank {rank} ({f'killed by {failure.signal_name()}' if failure.exitcode < 0 else f'exit code {failure.exitcode}'})"
-            for rank, failure in sorted(error.failures.items())
-        )
-        print(f"error: viclip {argv[0]} on {nproc} processes failed: {failed}", file=sys.stderr)
+        rank, failure = error.get_first_failure()
+        how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+        print(f"error: viclip {argv[0]} on {nproc} processes failed: rank {rank} {how}, and the launcher "
+              "stopped the others", file=sys.stderr)
         return 1
     return 0

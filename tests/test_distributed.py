@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -79,7 +80,13 @@ def test_two_processes_train_and_score_as_one(project):
     theirs = load_file(str(project / "one.safetensors"))
     assert ours.keys() == theirs.keys()
     for key in ours:
-        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        a, b = ours[key], theirs[key]
+        if key.endswith("in_proj_bias"):
+            # The key projection's bias has no gradient in exact arithmetic (softmax ignores a shift of
+            # every score); Adam turns its rounding noise into steps of the learning rate's size.
+            width = len(a) // 3
+            a, b = np.delete(a, np.s_[width : 2 * width]), np.delete(b, np.s_[width : 2 * width])
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=key)
 
     # Score the one-process model on two processes: the same captions, the same metrics.
     (project / "artifacts/models/viclipcap/mapper.safetensors").write_bytes(one["models/viclipcap/mapper.safetensors"])
@@ -94,7 +101,7 @@ def test_torchrun_runs_the_cli_directly(project):
     edit(project, train__viclipcap__epochs=1)
     run("extract")
     result = subprocess.run(
-        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "train"],
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "train"],
         capture_output=True, text=True, env={**os.environ, **FP32},
     )
     assert result.returncode == 0, result.stderr
@@ -185,7 +192,8 @@ def test_a_killed_rank_ends_the_run_with_an_error_not_a_hang(project):
         process.kill()
         pytest.fail("the run hung after a rank died")
     assert process.returncode == 1
-    assert stderr.strip().splitlines()[-1] == "error: viclip train on 2 processes failed: rank 1 (killed by SIGKILL)"
+    assert stderr.strip().splitlines()[-1] == (
+        "error: viclip train on 2 processes failed: rank 1 was killed by SIGKILL, and the launcher stopped the others")
     assert not (project / "artifacts/models/viclipcap").exists()
 
 
