@@ -9,6 +9,7 @@ Sizes depend on the device: a CPU gets a few batches, a GPU a KTVIC-sized run.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,14 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import reference, workload
+from pipeline import distributed
+from pipeline.data import ImageRecord
 from pipeline.decoding import beam_search
 from pipeline.encoders import encode_files
-from pipeline.features import FeatureStore
+from pipeline.features import FeatureStore, open_store, write_store
+from pipeline.models import cnn_lstm
 from pipeline.metrics import score_captions
 from pipeline.config import TrainSettings
-from pipeline.devices import autocast
+from pipeline.devices import FEATURE_BUDGET, autocast
 from pipeline.training import CaptionSet, Optimisation, train_epoch
 
 # (viclip, reference) workload sizes, in images, per device type.
@@ -156,10 +161,10 @@ def scaling_train(device: torch.device, impl: str, images: int, steps: int = 2) 
     def some_steps() -> None:
         captioner.train()
         batches = data.batches(_batch_size(), torch.Generator().manual_seed(0))
-        for _, (features, tokens, mask) in zip(range(steps), batches):
+        for _, (features, tokens, mask, weight) in zip(range(steps), batches):
             with autocast(device, optimisation.policy):
                 loss = captioner.loss(features, tokens, mask)
-            optimisation.step(captioner, loss)
+            optimisation.step(captioner, loss * weight)
 
     some_steps()  # warm-up
     return some_steps, {"steps": steps, "captions": len(data), "store_mb": _megabytes(data)}
@@ -174,6 +179,61 @@ def scaling_decode(device: torch.device, impl: str, images: int) -> Case:
     return (lambda: beam_search(captioner, batch, BEAM, MAX_LENGTH, 1.0)), {"batch": len(batch), "images": images}
 
 
+def processes(device: torch.device, impl: str) -> Case:
+    """viclip's train epoch on this process's share of the CPU train workload, under torchrun when launched
+    so (benchmarks/__main__.py runs it on 1 and on 2 processes); what is trained is wrapped in DDP."""
+    captioner = workload.captioner(device)
+    data = caption_set(workload.captions(SIZES[device.type]["train"][0]), captioner, device)
+    trained = DistributedDataParallel(captioner) if distributed.world_size() > 1 else captioner
+    _viclip_epoch(trained, caption_set(workload.captions(8, seed=1), captioner, device))  # warm-up
+    gradient_bytes = sum(p.numel() * 4 for p in captioner.parameters())
+
+    def epoch() -> None:
+        _viclip_epoch(trained, data)
+        distributed.barrier()  # the slowest rank's time
+
+    return epoch, {"captions": len(data), "processes": distributed.world_size(), "gradient_bytes": gradient_bytes}
+
+
+def all_reduce(device: torch.device, impl: str) -> Case:
+    """One all-reduce of as many fp32 values as the mapper has parameters: what DDP exchanges each step."""
+    count = sum(p.numel() for p in workload.captioner(device).parameters())
+    values = torch.ones(count, device=device)
+    torch.distributed.all_reduce(values)  # warm-up
+    return (lambda: [torch.distributed.all_reduce(values) for _ in range(3)]), {"bytes": count * 4, "repeats": 3}
+
+
+def streamed_train(device: torch.device, impl: str, images: int, steps: int = 10) -> Case:
+    """Steps of the baseline (CNN grids, ~200 KB an image) trained from a store on disk, held in memory
+    (impl "memory") or read batch by batch (impl "disk"); the peak memory is the figure."""
+    folder = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    config = workload.params()
+    rng = np.random.default_rng(0)
+    records = [ImageRecord(i, Path(f"{i}.jpg"), tuple(" ".join(f"s{w}" for w in rng.integers(0, 3000, 20))
+                                                       for _ in range(workload.CAPTIONS_PER_IMAGE)))
+               for i in range(images)]
+    grid = (config.cnn.grid ** 2, 2048)
+    with write_store(folder / "train.h5", {}, "float16") as store:
+        for start in range(0, images, 256):  # written in pieces: the store is never in memory whole
+            rows = range(start, min(start + 256, images))
+            store.append(np.array(rows), rng.standard_normal((len(rows), *grid), dtype=np.float32).astype(np.float16))
+    if impl == "disk":
+        os.environ[FEATURE_BUDGET] = "0"
+    model = cnn_lstm.build(config, records, {"embedding_dim": grid[1]}, device)
+    data = CaptionSet.build(records, open_store(folder / "train.h5", {}), model.encode, None, device)
+    settings = config.train.cnn_lstm
+    optimisation = Optimisation.build(model, settings, steps, device)
+
+    def some_steps() -> None:
+        model.train()
+        for _, (features, tokens, mask, weight) in zip(range(steps), data.batches(settings.batch_size, torch.Generator().manual_seed(0))):
+            optimisation.step(model, model.loss(features, tokens, mask) * weight)
+
+    return some_steps, {"steps": steps, "images": images, "store_mb": images * np.prod(grid) * 2 / 2**20,
+                        "streamed": not isinstance(data.features, torch.Tensor)}
+
+
 def _megabytes(data: CaptionSet) -> float:
     tensors = (data.features, data.image_rows, data.tokens, data.lengths)
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
@@ -181,5 +241,6 @@ def _megabytes(data: CaptionSet) -> float:
 
 CASES: dict[str, Callable[..., Case]] = {
     "extract": extract, "train": train, "decode": decode, "score": score,
-    "scaling_train": scaling_train, "scaling_decode": scaling_decode,
+    "scaling_train": scaling_train, "scaling_decode": scaling_decode, "processes": processes,
+    "all_reduce": all_reduce, "streamed_train": streamed_train,
 }
