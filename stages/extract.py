@@ -32,7 +32,7 @@ def run(
     encoder = load_encoder(encoder_name, section, device)
     attrs = {**encoder_attrs(encoder_name, section), "precision": encoder.precision}
 
-    done = []  # (split, its chunks, its bad images)
+    encoded = []  # (split, its chunks, its bad images)
     for split in splits:
         files = [r.path for r in records[split]]
         ids = np.array([r.image_id for r in records[split]], dtype=np.int64)
@@ -45,13 +45,13 @@ def run(
                 f"{len(bad)} bad image(s) in {split}, nothing written "
                 f"(--skip-bad-images skips them): {listing}"
             )
-        done.append((split, chunks, bad))
+        encoded.append((split, chunks, bad))
     if not distributed.is_main():  # the main rank writes the stores
         return ""
 
     # Every split's store is renamed into place together, and only if all succeed.
     with ExitStack() as stores:
-        for split, chunks, bad in done:
+        for split, chunks, bad in encoded:
             store = stores.enter_context(write_store(
                 paths.store_path(config, split, encoder_name), chunks.attrs, encoder.store_dtype
             ))
@@ -59,12 +59,12 @@ def run(
                 store.append(image_ids, embeddings)
             store.attrs["skipped_ids"] = [int(chunks.ids[i]) for i, _ in bad]
             store.attrs["skipped_images"] = [f"{chunks.files[i].name}: {error}" for i, error in bad]
-    for _, chunks, _ in done:
+    for _, chunks, _ in encoded:
         chunks.discard()
     write_text(paths.store_dir(config, encoder_name) / "params.yaml", dump_config(config))
 
-    summary = ", ".join(f"{len(chunks.files) - len(bad)} {split}" for split, chunks, bad in done)
-    skipped = sum(len(bad) for _, _, bad in done)
+    summary = ", ".join(f"{len(chunks.files) - len(bad)} {split}" for split, chunks, bad in encoded)
+    skipped = sum(len(bad) for _, _, bad in encoded)
     note = f", {skipped} bad skipped" if skipped else ""
     return (
         f"extract {encoder_name}: {summary} images{note} -> {paths.store_dir(config, encoder_name)} "
