@@ -70,8 +70,11 @@ class LstmConfig(_Section):
 class ExtractConfig(_Section):
     batch_size: int = Field(gt=0)
     num_workers: int = Field(ge=0)  # image-decoding worker processes
+    # Batches per chunk: a split is encoded chunk by chunk, each kept as its own file until the store is
+    # written, so a killed run resumes from its finished chunks, and torchrun's processes share whole chunks.
+    chunk_batches: int = Field(gt=0)
     skip_bad_images: bool  # skip unreadable images (recorded in the store) instead of stopping
-    out: str  # feature stores go to OUT/<encoder>/<split>.h5
+    out: str  # feature stores go to OUT/<encoder>/<split>.h5, unfinished chunks to OUT/.chunks/
 
 
 class TrainSettings(_Section):

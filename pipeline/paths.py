@@ -19,6 +19,12 @@ def store_path(config: Config, split: str, encoder: str = ENCODER) -> Path:
     return store_dir(config, encoder) / f"{split}.h5"
 
 
+def chunk_dir(config: Config, split: str, encoder: str = ENCODER) -> Path:
+    """Where `viclip extract` keeps a split's finished chunks until its store is assembled. Not inside
+    store_dir, which DVC deletes before it runs the stage: a re-run after a kill resumes from them."""
+    return Path(config.extract.out) / ".chunks" / encoder / split
+
+
 def model_dir(config: Config, model: str = MODEL) -> Path:
     return Path(config.train.out) / model
 

@@ -1,5 +1,6 @@
 """Stage 1: run a frozen image encoder (CLIP, or the baseline's CNN) once over every image; write its HDF5
-feature store."""
+feature store. The images are encoded in chunks (pipeline.chunks): a killed run resumes, and under torchrun
+the ranks share them; the main rank then writes the store."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from pipeline import paths
+from pipeline import distributed, paths
+from pipeline.chunks import SplitChunks
 from pipeline.config import Config, dump_config
 from pipeline.data import SPLITS, load_splits
 from pipeline.devices import best_device
-from pipeline.encoders import encode_files, encoder_attrs, load_encoder
+from pipeline.encoders import encoder_attrs, load_encoder
 from pipeline.errors import ViclipError
 from pipeline.features import write_store
 from pipeline.io import write_text
@@ -28,36 +30,41 @@ def run(
     device = best_device()
     section = getattr(config, encoder_name)
     encoder = load_encoder(encoder_name, section, device)
-    attrs = encoder_attrs(encoder_name, section)
+    attrs = {**encoder_attrs(encoder_name, section), "precision": encoder.precision}
 
-    counts, skipped = {}, 0
+    encoded = []  # (split, its chunks, its bad images)
+    for split in splits:
+        files = [r.path for r in records[split]]
+        ids = np.array([r.image_id for r in records[split]], dtype=np.int64)
+        chunks = SplitChunks(paths.chunk_dir(config, split, encoder_name), files, ids, {**attrs, "split": split},
+                             encoder.store_dtype, config.extract.batch_size, config.extract.chunk_batches)
+        bad = chunks.encode(encoder, config.extract.num_workers, device, f"{encoder_name} {split}")
+        if bad and not skip_bad_images:
+            listing = "; ".join(f"{files[i]} ({error})" for i, error in bad)
+            raise ViclipError(
+                f"{len(bad)} bad image(s) in {split}, nothing written "
+                f"(--skip-bad-images skips them): {listing}"
+            )
+        encoded.append((split, chunks, bad))
+    if not distributed.is_main():  # the main rank writes the stores
+        return ""
+
     # Every split's store is renamed into place together, and only if all succeed.
     with ExitStack() as stores:
-        for split in splits:
-            files = [r.path for r in records[split]]
-            ids = np.array([r.image_id for r in records[split]], dtype=np.int64)
+        for split, chunks, bad in encoded:
             store = stores.enter_context(write_store(
-                paths.store_path(config, split, encoder_name), {**attrs, "split": split, "precision": encoder.precision}, encoder.store_dtype
+                paths.store_path(config, split, encoder_name), chunks.attrs, encoder.store_dtype
             ))
-            bad: list[tuple[int, str]] = []
-            for rows, embeddings, errors in encode_files(
-                encoder, files, config.extract.batch_size, config.extract.num_workers, device, f"{encoder_name} {split}"
-            ):
-                if len(rows):
-                    store.append(ids[rows], embeddings)
-                bad += errors
-            if bad and not skip_bad_images:
-                listing = "; ".join(f"{files[i]} ({error})" for i, error in sorted(bad))
-                raise ViclipError(
-                    f"{len(bad)} bad image(s) in {split}, nothing written "
-                    f"(--skip-bad-images skips them): {listing}"
-                )
-            store.attrs["skipped_ids"] = [int(ids[i]) for i, _ in sorted(bad)]
-            store.attrs["skipped_images"] = [f"{files[i].name}: {error}" for i, error in sorted(bad)]
-            counts[split], skipped = len(files) - len(bad), skipped + len(bad)
+            for image_ids, embeddings in chunks.rows():
+                store.append(image_ids, embeddings)
+            store.attrs["skipped_ids"] = [int(chunks.ids[i]) for i, _ in bad]
+            store.attrs["skipped_images"] = [f"{chunks.files[i].name}: {error}" for i, error in bad]
+    for _, chunks, _ in encoded:
+        chunks.discard()
     write_text(paths.store_dir(config, encoder_name) / "params.yaml", dump_config(config))
 
-    summary = ", ".join(f"{n} {split}" for split, n in counts.items())
+    summary = ", ".join(f"{len(chunks.files) - len(bad)} {split}" for split, chunks, bad in encoded)
+    skipped = sum(len(bad) for _, _, bad in encoded)
     note = f", {skipped} bad skipped" if skipped else ""
     return (
         f"extract {encoder_name}: {summary} images{note} -> {paths.store_dir(config, encoder_name)} "

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.encoders import clip, cnn  # noqa: F401  (each registers itself)
 from pipeline.encoders.base import REGISTRY, ImageEncoder
 from pipeline.errors import ViclipError
@@ -123,6 +124,6 @@ def encode_files(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    for indices, pixels, bad in tqdm(loader, desc=description, unit="batch", disable=None):
+    for indices, pixels, bad in tqdm(loader, desc=description, unit="batch", disable=distributed.progress_disabled()):
         embeddings = encoder(pixels.to(device, non_blocking=True)).cpu().numpy() if pixels is not None else None
         yield indices, embeddings, bad
