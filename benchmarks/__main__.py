@@ -20,7 +20,8 @@ from benchmarks.suite import SCALING
 from pipeline.devices import Precision, best_device, hardware, precision
 from pipeline.io import write_json
 
-STAGES = ("extract", "train", "decode", "score", "scaling", "serve")
+STAGES = ("extract", "train", "decode", "score", "scaling", "processes", "streaming", "serve")
+STREAMED_IMAGES = 2_000  # CNN grids in the streaming case: 400 MB of float16, which fits this machine
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (FLOP/s), by device name.
 BF16_PEAKS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 
@@ -99,6 +100,43 @@ def scaling() -> list[dict]:
     return rows
 
 
+def launched(processes: int, *args: str) -> dict:
+    """A case on `processes` processes of this machine, started as torchrun starts them."""
+    if processes == 1:
+        return run_case(*args)
+    return run_case("--standalone", f"--nproc-per-node={processes}", "-m", "benchmarks.case", *args,
+                    module="torch.distributed.run")
+
+
+def processes() -> list[dict]:
+    """viclip's train epoch on one process against two (DDP; gloo on a CPU, NCCL on GPUs), and the
+    all-reduce of the mapper's gradients that each step adds."""
+    one, two = launched(1, "processes", "viclip"), launched(2, "processes", "viclip")
+    exchange = launched(2, "all_reduce", "viclip")
+    return [
+        row("processes", f"train captions/s, 2 processes vs 1 ({one['captions']} captions)", "captions/s",
+            two["captions"] / two["seconds"], one["captions"] / one["seconds"]),
+        row("processes", "peak memory per process, 2 processes vs 1", "MB", two["peak_mb"], one["peak_mb"]),
+        row("processes", f"all-reduce of the mapper's gradients ({exchange['bytes'] / 2**20:,.0f} MB fp32)", "s",
+            exchange["seconds"] / exchange["repeats"]),
+    ]
+
+
+def streaming() -> list[dict]:
+    """The baseline trained from a store of CNN grids held in memory, against the same store read from disk
+    batch by batch: the streamed run's memory does not grow with the store."""
+    memory, disk = (run_case("streamed_train", impl, str(STREAMED_IMAGES)) for impl in ("memory", "disk"))
+    if not disk["streamed"] or memory["streamed"]:
+        raise SystemExit("benchmark streaming: the memory budget did not decide as the case asked")
+    label = f"{STREAMED_IMAGES:,} images ({memory['store_mb']:,.0f} MB store)"
+    return [
+        row("streaming", f"baseline train step, {label}: from disk vs in memory", "s",
+            disk["seconds"] / disk["steps"], memory["seconds"] / memory["steps"]),
+        row("streaming", f"baseline peak memory, {label}: from disk vs in memory", "MB",
+            disk["peak_mb"], memory["peak_mb"]),
+    ]
+
+
 def serve(demo: Path) -> list[dict]:
     """viclip serve under load (benchmarks/load.py): micro-batching against one request at a time, with the
     demo's two trained models (where `demo` holds a built demo) and with full-size random-weight models."""
@@ -146,7 +184,8 @@ def main() -> None:
 
     device = best_device()
     runs = {"extract": extract, "train": lambda: train(device), "decode": decode, "score": score,
-            "scaling": scaling, "serve": lambda: serve(args.demo.resolve())}
+            "scaling": scaling, "processes": processes, "streaming": streaming,
+            "serve": lambda: serve(args.demo.resolve())}
     started = time.perf_counter()
     machine = {
         "date": datetime.date.today().isoformat(),

@@ -225,11 +225,13 @@ def streamed_train(device: torch.device, impl: str, images: int, steps: int = 10
     settings = config.train.cnn_lstm
     optimisation = Optimisation.build(model, settings, steps, device)
 
-    def some_steps() -> None:
+    def some_steps(count: int = steps) -> None:
         model.train()
-        for _, (features, tokens, mask, weight) in zip(range(steps), data.batches(settings.batch_size, torch.Generator().manual_seed(0))):
+        batches = data.batches(settings.batch_size, torch.Generator().manual_seed(0))
+        for _, (features, tokens, mask, weight) in zip(range(count), batches):
             optimisation.step(model, model.loss(features, tokens, mask) * weight)
 
+    some_steps(1)  # warm-up
     return some_steps, {"steps": steps, "images": images, "store_mb": images * np.prod(grid) * 2 / 2**20,
                         "streamed": not isinstance(data.features, torch.Tensor)}
 

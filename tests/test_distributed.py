@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from pipeline.config import dump_config, load_config
+from pipeline.demo import dvc
 from tests.conftest import VICLIP
 
 FP32 = {"VICLIP_PRECISION": "fp32"}  # this CPU would pick bf16; the comparisons are in fp32
@@ -97,15 +99,33 @@ def test_two_processes_train_and_score_as_one(project):
     assert metrics["cider"] == one_metrics["cider"] and metrics["bleu_4"] == one_metrics["bleu_4"]
 
 
-def test_torchrun_runs_the_cli_directly(project):
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_several_machines_command_runs(project):
+    """README's command for several machines, as two 'machines' of one process each on this one."""
     edit(project, train__viclipcap__epochs=1)
     run("extract")
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli", "train"],
-        capture_output=True, text=True, env={**os.environ, **FP32},
-    )
-    assert result.returncode == 0, result.stderr
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    command = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+               f"localhost:{_free_port()}", "--rdzv-id", uuid.uuid4().hex, "-m", "pipeline.cli", "train"]
+    machines = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, **FP32}) for _ in range(2)]
+    outputs = [machine.communicate(timeout=600) for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], outputs
+    assert sum(out.count("train viclipcap:") for out, _ in outputs) == 1  # rank 0 alone prints
     assert json.loads((project / "artifacts/models/viclipcap/config.json").read_text())["processes"] == 2
+
+
+def test_dvc_repro_on_two_processes_reruns_nothing_and_runs_a_stage_on_two(demo_copy, monkeypatch):
+    monkeypatch.setenv("VICLIP_NPROC", "2")
+    assert "Running stage" not in dvc(demo_copy, "repro")  # the number of processes is not a param
+    out = dvc(demo_copy, "repro", "--force", "--single-item", "train_viclipcap")
+    assert "Running stage 'train_viclipcap'" in out
+    assert json.loads((demo_copy / "artifacts/models/viclipcap/config.json").read_text())["processes"] == 2
 
 
 def _kill_after_checkpoint(process: subprocess.Popen, checkpoint: Path) -> None:
