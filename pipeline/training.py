@@ -68,7 +68,9 @@ class CaptionSet:
             tokens[row, : len(caption)] = torch.tensor(caption)
         rows = store.positions([r.image_id for r in records])
         if len(rows) * store.row_bytes <= feature_budget(device):
-            features: torch.Tensor | FeatureStore = torch.from_numpy(store.embeddings[rows]).to(device)
+            every = store.embeddings  # a split's records are its store's rows, in order: then no copy is made
+            in_order = np.array_equal(rows, np.arange(len(store)))
+            features: torch.Tensor | FeatureStore = torch.from_numpy(every if in_order else every[rows]).to(device)
             image_rows = [row for row, r in enumerate(records) for _ in r.captions]
         else:
             features = store
