@@ -6,16 +6,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from benchmarks.suite import SCALING
-from pipeline.devices import best_device, hardware
+from pipeline.devices import Precision, best_device, hardware, precision
 from pipeline.io import write_json
 
 STAGES = ("extract", "train", "decode", "score", "scaling", "serve")
@@ -135,7 +137,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results.json", help="Where to write the results (JSON).")
     parser.add_argument("--demo", type=Path, default=Path("demo-run"),
                         help="The demo project whose models the serve stage loads (make demo builds it).")
+    parser.add_argument("--precision", choices=get_args(Precision),
+                        help="viclip's training precision (VICLIP_PRECISION in each case's process) instead of the "
+                             "device's policy; the reference always trains in fp32, as ClipCap does.")
     args = parser.parse_args()
+    if args.precision:
+        os.environ["VICLIP_PRECISION"] = args.precision  # inherited by every case's process
 
     device = best_device()
     runs = {"extract": extract, "train": lambda: train(device), "decode": decode, "score": score,
@@ -146,6 +153,7 @@ def main() -> None:
         "device": hardware(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "precision": precision(device),  # viclip trains at the policy's (or --precision's); the reference at fp32
         "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
         "seconds": 0.0,
     }

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
+
+from pipeline.errors import ViclipError
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -32,7 +35,15 @@ def precision(device: torch.device) -> Precision:
     """The precision policy for training and extraction: bf16 autocast where bf16 is native; fp16
     autocast on CUDA 7.x (T4, V100), whose tensor cores run fp16 (training adds a gradient scaler);
     fp32 elsewhere: a P100 (6.0) has no tensor cores, and its fp16 is too easily out of range for
-    a gain no one has measured here."""
+    a gain no one has measured here.
+
+    VICLIP_PRECISION=fp32|bf16|fp16 in the environment overrides the policy wherever it applies (for
+    example to benchmark a bf16 CPU in fp32); extraction on a CPU stays fp32 whatever it says."""
+    override = os.environ.get("VICLIP_PRECISION")
+    if override:
+        if override not in get_args(Precision):
+            raise ViclipError(f"VICLIP_PRECISION={override!r}: expected one of {', '.join(get_args(Precision))}")
+        return override
     if native_bf16(device):
         return "bf16"
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 7:

@@ -60,11 +60,13 @@ def test_reference_beam_search_finds_viclips_captions(demo, config):
 
 def test_the_benchmark_command_writes_its_results(tmp_path):
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "score", "--out", str(out)],
+    command = ["--only", "score", "--out", str(out), "--precision", "fp16"]  # fp16: no device's own policy here
+    result = subprocess.run([sys.executable, "-m", "benchmarks", *command],
                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
     written = json.loads(out.read_text())
-    assert written["machine"]["command"] == f"python -m benchmarks --only score --out {out}"
+    assert written["machine"]["command"] == f"python -m benchmarks {' '.join(command)}"
+    assert written["machine"]["precision"] == "fp16"
     [row] = written["rows"]
     assert row["stage"] == "score" and row["viclip"] > 0 and "score" in result.stdout
 

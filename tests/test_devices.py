@@ -12,8 +12,15 @@ from typer.testing import CliRunner
 
 from pipeline import devices, training
 from pipeline.cli import app
+from pipeline.errors import ViclipError
 
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def no_override(monkeypatch):
+    """The policy itself, whatever VICLIP_PRECISION the shell running the tests has set."""
+    monkeypatch.delenv("VICLIP_PRECISION", raising=False)
 
 
 @pytest.mark.parametrize("capability, policy", [
@@ -45,6 +52,21 @@ def test_a_cpu_gets_bf16_only_with_avx512_bf16_or_amx(monkeypatch, probes, polic
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert devices.precision(torch.device("cpu")) == policy
+
+
+@pytest.mark.parametrize("value", ["fp32", "bf16", "fp16"])
+def test_viclip_precision_overrides_the_policy(monkeypatch, value):
+    monkeypatch.setattr(devices, "native_bf16", lambda device: True)  # the policy alone would say bf16
+    monkeypatch.setenv("VICLIP_PRECISION", value)
+    assert devices.precision(torch.device("cpu")) == value
+    monkeypatch.setenv("VICLIP_PRECISION", "")  # set but empty: the policy
+    assert devices.precision(torch.device("cpu")) == "bf16"
+
+
+def test_a_bad_viclip_precision_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("VICLIP_PRECISION", "float32")
+    with pytest.raises(ViclipError, match=r"^VICLIP_PRECISION='float32': expected one of bf16, fp16, fp32$"):
+        devices.precision(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("policy, recorded", [("fp16", "fp16 autocast, gradient scaler"), ("fp32", "fp32")])
