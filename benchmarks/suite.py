@@ -99,7 +99,7 @@ def _reference_epoch(captioner, embeddings: torch.Tensor, tokens: torch.Tensor, 
 
 def train(device: torch.device, impl: str) -> Case:
     images = SIZES[device.type]["train"][impl == "reference"]
-    captioner = workload.captioner(device)
+    captioner = workload.captioner(device, impl)
     captions = workload.captions(images)
     counts = {"captions": images * workload.CAPTIONS_PER_IMAGE,
               "tokens": sum(len(t) for t in captions.tokens.values())}
@@ -128,7 +128,7 @@ def _matrix_flops(captioner, data: CaptionSet) -> float:
 
 def decode(device: torch.device, impl: str) -> Case:
     images = SIZES[device.type]["decode"][impl == "reference"]
-    captioner = workload.captioner(device)
+    captioner = workload.captioner(device, impl)
     embeddings = torch.from_numpy(workload.captions(images).embeddings).to(device)
     if impl == "viclip":
         batch_size = workload.params().score.batch_size

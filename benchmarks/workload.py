@@ -22,7 +22,7 @@ from pipeline.encoders.base import encoding_precision
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.config import load_config
 from pipeline.data import ImageRecord
-from pipeline.models.viclipcap.lm import LanguageModel
+from pipeline.models.viclipcap.lm import LanguageModel, fuse_activations
 from pipeline.models.viclipcap.mapper import build_mapper
 
 CAPTIONS_PER_IMAGE = 5
@@ -46,19 +46,23 @@ def clip_encoder(device: torch.device) -> ClipEncoder:
     return ClipEncoder(model.requires_grad_(False).eval(), preprocess, config.normalize, encoding_precision(device))
 
 
-def language_model(device: torch.device) -> LanguageModel:
-    """GPT-2 small's shape (124M parameters), frozen as the pipeline freezes it."""
+def language_model(device: torch.device, impl: str = "viclip") -> LanguageModel:
+    """GPT-2 small's shape (124M parameters), frozen as the pipeline freezes it; viclip's with its
+    activations fused as `load_lm` fuses them, the reference's as Hugging Face builds it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config()).requires_grad_(False).eval().to(device)
+    model = GPT2LMHeadModel(GPT2Config())
+    if impl == "viclip":
+        fuse_activations(model)
+    model.requires_grad_(False).eval().to(device)
     # Random weights never stop (the worst case): the stop is end-of-text, and no token is banned.
     return LanguageModel("gpt2-small-shape", model, tokenizer=None, stop_text=None,
                          stop_id=model.config.eos_token_id, banned_ids=())
 
 
-def captioner(device: torch.device) -> Captioner:
-    lm = language_model(device)
+def captioner(device: torch.device, impl: str = "viclip") -> Captioner:
+    lm = language_model(device, impl)
     torch.manual_seed(0)
     mapper = build_mapper(params().mapper, 512, lm.width).to(device)
     return Captioner(mapper, lm)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from transformers.activations import NewGELUActivation
 from typer.testing import CliRunner
 
 from pipeline import paths
@@ -175,3 +176,21 @@ def test_an_lm_that_does_not_match_the_model_directory_is_refused(demo, config, 
         result = invoke(*args)
         assert result.exit_code == 1 and "Traceback" not in result.output
         assert "trained against another lm" in result.output and "tokenizer was" in result.output
+
+
+def test_loaded_lms_have_fused_activations_and_the_stock_models_outputs_and_gradients(tmp_path):
+    directory = make_tiny_lm([["có một hình tròn màu đỏ", "một hình tròn đỏ"]] * 10, tmp_path, steps=20)
+    ours = load_lm(str(directory), ".", CPU).model
+    stock = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert not any(isinstance(m, NewGELUActivation) for m in ours.modules())
+    assert sum(isinstance(m, NewGELUActivation) for m in stock.modules()) == stock.config.n_layer
+    inputs = 3 * torch.randn(2, 7, stock.config.n_embd)  # wide activations: GELU's tails and its middle
+    results = []
+    for model in (ours, stock):
+        embeds = inputs.clone().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits
+        (logits.logsumexp(-1).sum()).backward()
+        results.append((logits, embeds.grad))
+    (ours_logits, ours_grad), (stock_logits, stock_grad) = results
+    assert torch.allclose(ours_logits, stock_logits, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ours_grad, stock_grad, rtol=1e-4, atol=1e-6)

@@ -19,6 +19,7 @@ from pipeline.config import Config
 from pipeline.data import ImageRecord
 from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
 from pipeline.models.viclipcap.lm import LanguageModel, load_lm
+from pipeline.models.viclipcap.loss import frozen_head_cross_entropy
 from pipeline.models.viclipcap.mapper import build_mapper
 
 WEIGHTS = "mapper.safetensors"
@@ -59,16 +60,20 @@ class Captioner(CaptionModel):
     def loss(self, embeddings: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the caption tokens given the prefix.
 
-        tokens, mask: (B, T), right-padded; mask is True on real tokens.
+        tokens, mask: (B, T), right-padded; mask is True on real tokens. A frozen head (the default) goes
+        through `frozen_head_cross_entropy`, on real tokens only; a trainable one through full logits.
         """
         prefix = self.prefix(embeddings)  # (B, k, W)
         words = self.lm.model.get_input_embeddings()(tokens)  # (B, T, W)
+        inputs = torch.cat([prefix, words], dim=1)
         attention = torch.cat([mask.new_ones(prefix.shape[:2]), mask], dim=1).long()
+        head = self.lm.model.get_output_embeddings()
         # Only positions k-1 .. k+T-2 predict caption tokens: skip the LM head elsewhere.
+        if not any(p.requires_grad for p in head.parameters()):
+            hidden = self.lm.model.base_model(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
+            return frozen_head_cross_entropy(hidden[:, prefix.shape[1] - 1 : -1][mask], head, tokens[mask])
         logits = self.lm.model(
-            inputs_embeds=torch.cat([prefix, words], dim=1),
-            attention_mask=attention,
-            logits_to_keep=tokens.shape[1] + 1,
+            inputs_embeds=inputs, attention_mask=attention, logits_to_keep=tokens.shape[1] + 1,
         ).logits[:, :-1]  # (B, T, V)
         labels = tokens.masked_fill(~mask, IGNORE)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)

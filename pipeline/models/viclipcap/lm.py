@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.activations import NewGELUActivation
 
 from pipeline.errors import ViclipError
 
@@ -125,8 +127,20 @@ def _banned_ids(tokenizer: PreTrainedTokenizerBase, rows: int, stop_id: int) -> 
     return tuple(i for i in range(rows) if i != stop_id and (i in special or i not in mapped))
 
 
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """GPT-2's `gelu_new` as one kernel: F.gelu(approximate="tanh") is the same formula, computed in one
+    pass where `gelu_new` runs eight element-wise ops forward and more backward (13% of an fp32
+    training step on a CPU, BENCHMARKS.md)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, nn.GELU(approximate="tanh"))
+    return model
+
+
 def load_lm(name: str, stop: str | None, device: torch.device) -> LanguageModel:
-    """Load in fp32 whatever dtype the checkpoint was saved in, and freeze: no gradients, eval mode."""
+    """Load in fp32 whatever dtype the checkpoint was saved in, fuse its activations, and freeze: no
+    gradients, eval mode."""
     hf_logging.disable_progress_bar()  # one summary line per stage, not a bar per weight file
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -145,5 +159,5 @@ def load_lm(name: str, stop: str | None, device: torch.device) -> LanguageModel:
             raise ViclipError(f"lm.name {name}: the tokenizer has no end-of-text token; set lm.stop to a text such as \".\"")
     else:
         stop_id = _stop_id(name, tokenizer, stop, rows)
-    model.requires_grad_(False).eval().to(device)
+    fuse_activations(model).requires_grad_(False).eval().to(device)
     return LanguageModel(name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id))
