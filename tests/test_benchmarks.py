@@ -98,3 +98,14 @@ def test_the_load_case_answers_every_request_at_every_level(demo, monkeypatch):
         assert [(level["concurrency"], level["requests"], level["error_count"]) for level in levels] == [
             (1, 2, 0), (8, 8, 0), (32, 32, 0)]
         assert all(0 < level["p50_s"] <= level["p95_s"] < level["seconds"] + 1e-9 for level in levels)
+
+
+def test_the_streaming_case_trains_the_baseline_from_disk_or_from_memory(monkeypatch):
+    from benchmarks import suite
+    from pipeline.devices import FEATURE_BUDGET
+
+    monkeypatch.setenv(FEATURE_BUDGET, "")  # the disk case sets it; restored after the test
+    for impl, streamed in (("memory", False), ("disk", True)):
+        work, counts = suite.streamed_train(torch.device("cpu"), impl, 12, steps=1)
+        work()
+        assert counts["streamed"] is streamed and counts["images"] == 12
