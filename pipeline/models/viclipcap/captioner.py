@@ -62,6 +62,7 @@ class Captioner(CaptionModel):
 
         tokens, mask: (B, T), right-padded; mask is True on real tokens. A frozen head (the default) goes
         through `frozen_head_cross_entropy`, on real tokens only; a trainable one through full logits.
+        The first takes the logits to be the head applied to the last hidden state, as GPT-2's are.
         """
         prefix = self.prefix(embeddings)  # (B, k, W)
         words = self.lm.model.get_input_embeddings()(tokens)  # (B, T, W)

@@ -19,7 +19,7 @@ def frozen_head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: to
     """F.cross_entropy(head(hidden).float(), targets), for a head that gets no gradient.
 
     hidden: (n, W) the LM's final hidden states at the positions that predict `targets` (n,).
-    Under autocast the head's products run in autocast's dtype and the log-sum-exp in fp32, as
+    Under autocast the head's products run in autocast's dtype and the log-softmax in fp32, as
     autocast would run the head and a loss on logits cast to fp32.
     """
     if any(p.requires_grad for p in head.parameters()):
