@@ -67,16 +67,10 @@ class CaptionSet:
         for row, caption in enumerate(ids):
             tokens[row, : len(caption)] = torch.tensor(caption)
         rows = store.positions([r.image_id for r in records])
-        if len(rows) * store.row_bytes <= feature_budget(device):
-            every = store.embeddings  # a split's records are its store's rows, in order: then no copy is made
-            in_order = np.array_equal(rows, np.arange(len(store)))
-            features: torch.Tensor | FeatureStore = torch.from_numpy(every if in_order else every[rows]).to(device)
-            image_rows = [row for row, r in enumerate(records) for _ in r.captions]
-        else:
-            features = store
-            image_rows = [row for row, r in zip(rows, records) for _ in r.captions]
+        image_rows = [row for row, r in zip(rows, records) for _ in r.captions]  # rows of the store, either way
+        in_memory = len(store) * store.row_bytes <= feature_budget(device)
         return cls(
-            features,
+            torch.from_numpy(store.embeddings).to(device) if in_memory else store,
             torch.tensor(image_rows, device=device),
             tokens.to(device),
             torch.tensor([len(t) for t in ids], device=device),
