@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 Params = Annotated[Path, typer.Option("--params", help="The params file to read.")]
-ModelName = Annotated[str, typer.Option("--model", help="Which model: viclipcap, or the cnn_lstm baseline.")]
+ModelName = Annotated[str, typer.Option("--model", help=f"Which model: {', '.join(MODELS)}.")]
 ModelDir = Annotated[Optional[Path], typer.Option(help="Read the model from this directory instead (default: from params).")]
 
 
@@ -60,7 +60,9 @@ def _run(params: Path, stage: Callable[[Config], str]) -> None:
 
 @app.command()
 def extract(
-    encoder: Annotated[str, typer.Option(help="Which encoder: clip (for viclipcap) or cnn (for cnn_lstm).")] = ENCODERS[0],
+    encoder: Annotated[str, typer.Option(
+        help="Which encoder: clip (viclipcap and its variants), cnn (cnn_lstm), clip_published (viclipcap_published)."
+    )] = "clip",
     split: Annotated[Optional[str], typer.Option(help=f"Only this split ({', '.join(SPLITS)}).")] = None,
     skip_bad_images: Annotated[bool, typer.Option(
         "--skip-bad-images", help="Skip unreadable images (recorded in the store) instead of stopping.")] = False,
@@ -69,7 +71,7 @@ def extract(
     """Stage 1: run a frozen image encoder once over every image; write its HDF5 feature store."""
     from stages import extract as stage
 
-    _choice("--encoder", encoder, ENCODERS)
+    _choice("--encoder", encoder, tuple(ENCODERS))
     if split is not None:
         _choice("--split", split, SPLITS)
     _run(params, lambda config: stage.run(config, (split,) if split else SPLITS, skip_bad_images, encoder))

@@ -89,10 +89,37 @@ class TrainSettings(_Section):
     grad_clip: float | None = Field(gt=0)  # max gradient norm, or null: no clipping
 
 
+class ScstSettings(TrainSettings):
+    """Self-critical sequence training: a trained model's mapper fine-tuned on CIDEr-D rewards; batch_size counts
+    images, epochs and patience count passes over the training images and validation CIDEr."""
+
+    start_from: Literal["viclipcap", "viclipcap_rag"]  # the cross-entropy model whose mapper it fine-tunes
+    samples: int = Field(gt=1)  # captions sampled per image; each one's baseline is the mean reward of the others
+    max_length: int = Field(gt=0)  # tokens a sampled caption may run to, the stop included
+
+
+class RetrievalConfig(_Section):
+    """viclipcap_rag's prompt: captions of the training images nearest to the image, after the prefix."""
+
+    k: int = Field(gt=0)  # captions in the prompt, one from each of the k nearest training images
+    template: str = Field(pattern=r"\{captions\}")  # the prompt; {captions} becomes the k captions
+    separator: str  # between two retrieved captions
+
+
+class PublishedConfig(_Section):
+    """viclipcap_published: what the published ViCLIPCap run trained (its CLIP is the clip_published section)."""
+
+    mapper: MapperConfig
+    lm_train: Literal["frozen", "lora", "full"]
+
+
 class TrainConfig(_Section):
     seed: int
     out: str  # models go to OUT/<model>/, their per-epoch log to OUT/<model>.csv
     viclipcap: TrainSettings
+    viclipcap_rag: TrainSettings
+    viclipcap_scst: ScstSettings
+    viclipcap_published: TrainSettings
     cnn_lstm: TrainSettings
 
 
@@ -114,9 +141,12 @@ class CompareConfig(_Section):
 class Config(_Section):
     data: DataConfig
     clip: ClipConfig
+    clip_published: ClipConfig
     cnn: CnnConfig
     lm: LmConfig
     mapper: MapperConfig
+    retrieval: RetrievalConfig
+    viclipcap_published: PublishedConfig
     lstm: LstmConfig
     extract: ExtractConfig
     train: TrainConfig

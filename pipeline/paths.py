@@ -6,9 +6,12 @@ from pathlib import Path
 
 from pipeline.config import Config
 
-MODELS = ("viclipcap", "cnn_lstm")  # ViCLIPCap, and the CNN+LSTM baseline
-ENCODERS = ("clip", "cnn")  # their feature stores, in the same order
-MODEL, ENCODER = MODELS[0], ENCODERS[0]
+# ViCLIPCap (cross-entropy, LM frozen), the CNN+LSTM baseline, then ViCLIPCap's variants: each a model of its own,
+# with its own model directory, metrics file and DVC stages (pipeline.models.viclipcap.variants).
+MODELS = ("viclipcap", "cnn_lstm", "viclipcap_rag", "viclipcap_scst", "viclipcap_published")
+# Feature stores, each named after the params section of its encoder; the encoder family it runs (clip or cnn).
+ENCODERS = {"clip": "clip", "cnn": "cnn", "clip_published": "clip"}
+MODEL, ENCODER = MODELS[0], "clip"
 
 
 def store_dir(config: Config, encoder: str = ENCODER) -> Path:

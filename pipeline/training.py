@@ -182,3 +182,25 @@ def evaluate(model: CaptionModel, data: CaptionSet, batch_size: int, policy: Pre
         tokens_seen += count
     total, tokens_seen = distributed.all_sum(total, tokens_seen)
     return total / tokens_seen
+
+
+@dataclass
+class CrossEntropy:
+    """Teacher-forced cross-entropy on every caption, validation loss after each epoch (lower is better)."""
+
+    data: dict[str, CaptionSet]  # train and val
+    batch_size: int
+    columns = ("train_loss", "val_loss")  # what the training log calls the two figures of an epoch
+    higher_is_better = False
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps an epoch."""
+        return -(-len(self.data["train"]) // self.batch_size)
+
+    def epoch(self, trained: torch.nn.Module, optimisation: Optimisation, generator: torch.Generator,
+              description: str) -> float:
+        return train_epoch(trained, self.data["train"], self.batch_size, optimisation, generator, description)
+
+    def validate(self, model: CaptionModel, policy: Precision) -> float:
+        return evaluate(model, self.data["val"], self.batch_size, policy)

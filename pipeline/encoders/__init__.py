@@ -23,16 +23,17 @@ from pipeline import distributed
 from pipeline.encoders import clip, cnn  # noqa: F401  (each registers itself)
 from pipeline.encoders.base import REGISTRY, ImageEncoder
 from pipeline.errors import ViclipError
+from pipeline.paths import ENCODERS
 
 
 def encoder_attrs(name: str, config: Any) -> dict[str, Any]:
-    """The feature-store attributes encoder `name` (clip or cnn) writes, given its params section."""
-    return REGISTRY[name].attrs(config)
+    """The feature-store attributes encoder `name` (a store of paths.ENCODERS) writes, given its params section."""
+    return REGISTRY[ENCODERS[name]].attrs(config)
 
 
 def load_encoder(name: str, config: Any, device: torch.device) -> ImageEncoder:
-    """Encoder `name` (clip or cnn), built from its params section, frozen."""
-    return REGISTRY[name].load(config, device)
+    """Encoder `name` (a store of paths.ENCODERS), built from its params section, frozen."""
+    return REGISTRY[ENCODERS[name]].load(config, device)
 
 
 class BadImage(ViclipError):

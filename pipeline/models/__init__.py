@@ -50,11 +50,11 @@ class ModelSpec:
 
     name: str
     encoder: dict[str, Any]  # feature-store attributes the model was trained on
-    sections: dict[str, BaseModel]  # the params sections that define the model
+    sections: dict[str, BaseModel | None]  # the params sections that define the model; None: not used
     extra: dict[str, Any]  # how training went
 
     def to_json(self) -> dict[str, Any]:
-        sections = {name: section.model_dump() for name, section in self.sections.items()}
+        sections = {name: section and section.model_dump() for name, section in self.sections.items()}
         return {"format": FORMAT, "model": self.name, "encoder": self.encoder, **sections, **self.extra}
 
 
@@ -70,7 +70,8 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
             raise ViclipError(f"{path}: unknown model {raw['model']!r}")
         names = family(raw["model"]).sections
         # A section from an older viclip (before lm.stop, say) names the key it lacks.
-        sections = {name: parse_section(name, raw[name], f"{path} (train again?)") for name in names}
+        sections = {name: parse_section(name, raw[name], f"{path} (train again?)") if raw.get(name, {}) is not None
+                    else None for name in names}
         known = {"format", "model", "encoder", *names}
         return ModelSpec(raw["model"], raw["encoder"], sections, {k: v for k, v in raw.items() if k not in known})
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
@@ -78,7 +79,7 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
 
 
 def spec_for(name: str, config: Config, encoder: dict[str, Any], extra: dict[str, Any]) -> ModelSpec:
-    """The spec of model `name` trained under `config` on a store with attributes `encoder`."""
+    """The spec of model `name` trained under `config` (as the model reads it) on a store with attributes `encoder`."""
     return ModelSpec(name, encoder, {s: getattr(config, s) for s in family(name).sections}, extra)
 
 

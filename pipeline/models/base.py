@@ -42,9 +42,13 @@ class CaptionModel(nn.Module):
         """Training loss of right-padded (B, T) tokens given (B, ...) image features; mask marks real tokens."""
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The training loss: DistributedDataParallel exchanges gradients only for what runs through forward."""
-        return self.loss(features, tokens, mask)
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss: DistributedDataParallel exchanges gradients only for what runs through forward.
+        `weights` (B,), where a model supports them, weight each caption's tokens (self-critical training)."""
+        if weights is None:
+            return self.loss(features, tokens, mask)
+        return self.loss(features, tokens, mask, weights)
 
     def start_decoding(self, features: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
         """(N, V) logits of each image's first token, and step(rows, tokens) -> (N * beams, V) logits of
@@ -65,10 +69,12 @@ class Family:
     """One model's recipe: what it reads, what defines it, how to build it fresh for training, and how to
     rebuild a trained one's shape from its model directory (its weights are then `restore`d)."""
 
-    encoder: str  # the feature store it reads: clip or cnn
-    sections: tuple[str, ...]  # the params sections that define it, recorded in config.json
+    encoder: str  # the feature store it reads (paths.ENCODERS)
+    sections: tuple[str, ...]  # the params sections that define it, recorded in config.json (null where unused)
     build: Callable[[Config, Sequence[ImageRecord], dict[str, Any], torch.device], CaptionModel]
-    rebuild: Callable[[Path, dict[str, BaseModel], dict[str, Any], torch.device], CaptionModel]
+    rebuild: Callable[[Path, dict[str, BaseModel | None], dict[str, Any], torch.device], CaptionModel]
+    # The params as this model reads them: a variant puts its own settings where the family reads them.
+    view: Callable[[Config], Config] = lambda config: config
 
 
 def trainable_parameters(module: nn.Module) -> int:

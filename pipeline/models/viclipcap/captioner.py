@@ -15,12 +15,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from pipeline.config import Config
+from pipeline import paths
+from pipeline.config import Config, LmConfig, MapperConfig
 from pipeline.data import ImageRecord
+from pipeline.errors import ViclipError
 from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
 from pipeline.models.viclipcap.lm import LanguageModel, load_lm
 from pipeline.models.viclipcap.loss import frozen_head_cross_entropy
 from pipeline.models.viclipcap.mapper import build_mapper
+from pipeline.features import open_store
+from pipeline.retrieval import Datastore, Retrieval
 
 WEIGHTS = "mapper.safetensors"
 
@@ -34,21 +38,28 @@ def cache_keyword(lm: nn.Module) -> str:
 
 
 class Captioner(CaptionModel):
-    def __init__(self, mapper: nn.Module, lm: LanguageModel):
+    def __init__(self, mapper: nn.Module, lm: LanguageModel, retrieval: Retrieval | None = None):
         super().__init__()
         self.mapper = mapper
         # A plain dataclass, not a submodule: the LM is not ours to train or save,
         # so parameters() and state_dict() see the mapper alone.
         self.lm = lm
+        self.retrieval = retrieval  # viclipcap_rag: a prompt of retrieved captions after the prefix
         self.stop_id = lm.stop_id
         self.banned_ids = lm.banned_ids
-        self.max_tokens = lm.model.config.max_position_embeddings - mapper.prefix_length
+        self.max_prompt = 0 if retrieval is None else len(self._prompt_ids([retrieval.longest(
+            [len(t) for t in self._prompt_ids([" " + c for c in retrieval.datastore.captions])])])[0])
+        self.max_tokens = lm.model.config.max_position_embeddings - mapper.prefix_length - self.max_prompt
 
     def record(self) -> dict[str, Any]:
-        return {"lm_fingerprint": self.lm.fingerprint()}
+        record = {"lm_fingerprint": self.lm.fingerprint()}
+        if self.retrieval is not None:
+            record["datastore"] = self.retrieval.datastore.source
+        return record
 
     def encode(self, captions: list[str]) -> list[list[int]]:
-        return self.lm.encode(captions)
+        # After a prompt the caption continues running text: its first syllable takes its space.
+        return self.lm.encode([" " + c for c in captions] if self.retrieval else captions)
 
     def decode(self, tokens: list[int]) -> str:
         return self.lm.decode(tokens)
@@ -57,58 +68,118 @@ class Captioner(CaptionModel):
         """(B, D) image embeddings -> (B, k, W) prefix embeddings."""
         return self.mapper(embeddings)
 
-    def loss(self, embeddings: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the caption tokens given the prefix.
+    def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def context(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the LM reads before the caption: (B, P, W) embeddings, and where some rows are shorter, a (B, P)
+        mask of real positions (None: all real). Without retrieval that is the prefix; with it, the prefix then
+        the image's prompt, left-padded so that every row's caption starts at position P."""
+        prefix = self.prefix(embeddings)  # (B, k, W)
+        if self.retrieval is None:
+            return prefix, None
+        prompts = self._prompt_ids(self.retrieval.texts(embeddings))
+        longest = max(len(p) for p in prompts)
+        if longest > self.max_prompt:
+            raise ViclipError(f"a retrieval prompt of {longest} tokens is longer than the {self.max_prompt} allowed for")
+        batch, k = prefix.shape[:2]
+        ids = torch.zeros(batch, longest, dtype=torch.long, device=prefix.device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, device=prefix.device)
+        right = torch.cat([prefix, self.lm.model.get_input_embeddings()(ids)], dim=1)  # (B, P, W), padding last
+        width = right.shape[1]
+        pad = torch.tensor([longest - len(p) for p in prompts], device=prefix.device)  # (B,)
+        columns = torch.arange(width, device=prefix.device)
+        source = (columns - pad[:, None]) % width  # (B, P): left padding, each row rolled right by its padding
+        mask = columns >= pad[:, None]
+        return right.gather(1, source[..., None].expand(-1, -1, right.shape[2])), mask
+
+    def loss(self, embeddings: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the caption tokens given the prefix (and prompt); with `weights` (B,), each
+        caption's tokens weighted by its caption's weight (self-critical training's advantages).
 
         tokens, mask: (B, T), right-padded; mask is True on real tokens. A frozen head (the default) goes
         through `frozen_head_cross_entropy`, on real tokens only; a trainable one through full logits.
         The first takes the logits to be the head applied to the last hidden state, as GPT-2's are.
         """
-        prefix = self.prefix(embeddings)  # (B, k, W)
+        context, real = self.context(embeddings)  # (B, P, W), (B, P) or None
         words = self.lm.model.get_input_embeddings()(tokens)  # (B, T, W)
-        inputs = torch.cat([prefix, words], dim=1)
-        attention = torch.cat([mask.new_ones(prefix.shape[:2]), mask], dim=1).long()
+        inputs = torch.cat([context, words], dim=1)
+        attention = torch.cat([mask.new_ones(context.shape[:2]) if real is None else real, mask], dim=1).long()
+        where = {"attention_mask": attention, "position_ids": None if real is None else _positions(attention)}
         head = self.lm.model.get_output_embeddings()
-        # Only positions k-1 .. k+T-2 predict caption tokens: skip the LM head elsewhere.
+        # Only positions P-1 .. P+T-2 predict caption tokens: skip the LM head elsewhere.
         if not any(p.requires_grad for p in head.parameters()):
-            hidden = self.lm.model.base_model(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
-            return frozen_head_cross_entropy(hidden[:, prefix.shape[1] - 1 : -1][mask], head, tokens[mask])
-        logits = self.lm.model(
-            inputs_embeds=inputs, attention_mask=attention, logits_to_keep=tokens.shape[1] + 1,
-        ).logits[:, :-1]  # (B, T, V)
+            hidden = self.lm.model.base_model(inputs_embeds=inputs, **where).last_hidden_state
+            return frozen_head_cross_entropy(hidden[:, context.shape[1] - 1 : -1][mask], head, tokens[mask],
+                                             None if weights is None else weights[:, None].expand_as(mask)[mask])
+        logits = self.lm.model(inputs_embeds=inputs, logits_to_keep=tokens.shape[1] + 1, **where).logits[:, :-1]  # (B, T, V)
         labels = tokens.masked_fill(~mask, IGNORE)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+        if weights is None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+        return (losses.view_as(mask) * weights[:, None]).sum() / mask.sum()
 
     def start_decoding(self, embeddings: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
         """Run the prefix once; each later step feeds one token per beam on the reordered KV cache."""
         lm = self.lm.model
         keyword = cache_keyword(lm)
-        out = lm(inputs_embeds=self.prefix(embeddings), use_cache=True)
+        context, real = self.context(embeddings)
+        if real is None:
+            out = lm(inputs_embeds=context, use_cache=True)
+        else:
+            out = lm(inputs_embeds=context, attention_mask=real.long(), position_ids=_positions(real), use_cache=True)
+            attention = real.long().repeat_interleave(beams, dim=0)  # (N * beams, P), then one column a step
         cache = out[keyword]
         cache.batch_repeat_interleave(beams)
 
         def step(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            nonlocal attention
             cache.reorder_cache(rows)
-            return lm(input_ids=tokens.view(-1, 1), use_cache=True, **{keyword: cache}).logits[:, -1]
+            where = {}
+            if real is not None:
+                attention = torch.cat([attention[rows], attention.new_ones(len(rows), 1)], dim=1)
+                where = {"attention_mask": attention, "position_ids": attention.sum(1, keepdim=True) - 1}
+            return lm(input_ids=tokens.view(-1, 1), use_cache=True, **{keyword: cache}, **where).logits[:, -1]
 
         return out.logits[:, -1], step
 
     def save(self, directory: Path) -> None:
         save_weights(self.mapper, directory / WEIGHTS)
+        if self.retrieval is not None:
+            self.retrieval.datastore.save(directory)
 
     def restore(self, directory: Path) -> None:
         load_weights(self.mapper, directory / WEIGHTS)
 
 
+def _positions(attention: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: real tokens count from 0, as they would without the padding."""
+    return (attention.long().cumsum(1) - 1).clamp(min=0)
+
+
 def build(config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any], device: torch.device) -> Captioner:
-    """A fresh mapper sized from the stored embeddings and the LM, in front of the frozen LM."""
-    lm = load_lm(config.lm.name, config.lm.stop, device)
-    return Captioner(build_mapper(config.mapper, encoder["embedding_dim"], lm.width).to(device), lm)
+    """A fresh mapper sized from the stored embeddings and the LM, in front of the frozen LM; with
+    `config.retrieval`, the training split's store and captions as the datastore."""
+    retrieval = None
+    if config.retrieval is not None:
+        store = open_store(paths.store_path(config, "train", encoder["encoder"]), {})
+        retrieval = Retrieval(Datastore.build(store, records, device), config.retrieval)
+    return _assemble(config.lm, config.mapper, retrieval, encoder, device)
 
 
-def rebuild(model_dir: Path, sections: dict[str, BaseModel], encoder: dict[str, Any], device: torch.device) -> Captioner:
-    lm = load_lm(sections["lm"].name, sections["lm"].stop, device)
-    return Captioner(build_mapper(sections["mapper"], encoder["embedding_dim"], lm.width).to(device), lm)
+def rebuild(model_dir: Path, sections: dict[str, BaseModel | None], encoder: dict[str, Any], device: torch.device) -> Captioner:
+    retrieval = sections.get("retrieval")
+    retrieval = None if retrieval is None else Retrieval(Datastore.load(model_dir, device), retrieval)
+    return _assemble(sections["lm"], sections["mapper"], retrieval, encoder, device)
 
 
-register("viclipcap", Family("clip", ("clip", "lm", "mapper"), build, rebuild))
+def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval | None, encoder: dict[str, Any],
+              device: torch.device) -> Captioner:
+    lm = load_lm(lm_settings.name, lm_settings.stop, device)
+    return Captioner(build_mapper(mapper, encoder["embedding_dim"], lm.width).to(device), lm, retrieval)
+
+
+SECTIONS = ("clip", "lm", "mapper", "retrieval")
+register("viclipcap", Family("clip", SECTIONS, build, rebuild, view=lambda config: config.model_copy(update={"retrieval": None})))

@@ -15,8 +15,9 @@ CHUNK = 256  # positions a chunk: 256 × 50,257 fp32 logits are 51 MB
 
 
 def frozen_head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                              chunk: int = CHUNK) -> torch.Tensor:
-    """F.cross_entropy(head(hidden).float(), targets), for a head that gets no gradient.
+                              weights: torch.Tensor | None = None, chunk: int = CHUNK) -> torch.Tensor:
+    """F.cross_entropy(head(hidden).float(), targets), for a head that gets no gradient; with `weights` (n,),
+    each position's term is weighted: (F.cross_entropy(..., reduction="none") * weights).mean().
 
     hidden: (n, W) the LM's final hidden states at the positions that predict `targets` (n,).
     Under autocast the head's products run in autocast's dtype and the log-softmax in fp32, as
@@ -27,12 +28,12 @@ def frozen_head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: to
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     bias = None if head.bias is None else head.bias.float()
-    return _FrozenHeadCrossEntropy.apply(hidden, head.weight.to(dtype), bias, targets, chunk)
+    return _FrozenHeadCrossEntropy.apply(hidden, head.weight.to(dtype), bias, targets, weights, chunk)
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):  # hidden (n, W), weight (V, W), targets (n,)
+    def forward(ctx, hidden, weight, bias, targets, weights, chunk):  # hidden (n, W), weight (V, W), targets (n,)
         n = len(targets)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # no work for it under no_grad
@@ -43,10 +44,14 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                 if bias is not None:
                     logits += bias
                 logp = logits.log_softmax(dim=1)  # (c, V), fp32
-                total -= logp.gather(1, targets[rows, None]).sum()
+                picked = logp.gather(1, targets[rows, None]).squeeze(1)  # (c,)
+                scale = None if weights is None else weights[rows].float()[:, None]  # (c, 1)
+                total -= picked.sum() if scale is None else (picked * scale[:, 0]).sum()
                 if grad is not None:
                     probs = logp.exp_()  # softmax, in place
                     probs[torch.arange(len(probs), device=probs.device), targets[rows]] -= 1
+                    if scale is not None:
+                        probs *= scale
                     grad[rows] = probs.to(weight.dtype) @ weight  # (c, W)
         if grad is not None:
             grad /= n
@@ -57,4 +62,4 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None

@@ -1,0 +1,155 @@
+"""Self-critical sequence training (Rennie et al. 2017), with the "new self-critical" baseline (Luo 2020).
+
+For each image of a batch, `samples` captions are drawn from the model (the frozen LM through the
+prefix, on its KV cache, all images at once), each rewarded by CIDEr-D against the image's training
+references, with document frequencies from all training references (pipeline.cider). A sample's
+baseline is the mean reward of the image's other samples, so no greedy decode is needed and the
+advantages of an image sum to zero. The loss is the advantage-weighted cross-entropy of the samples:
+descending it raises the log-probability of captions that beat their siblings. Only what the model
+trains learns (the mapper; the LM stays as `lm.train` says).
+
+Rewards and validation count syllables, as the scoring protocol does: a caption is decoded to text,
+then tokenised by `pipeline.text.tokenize`. Validation is the CIDEr-D of the validation split's
+captions decoded as `viclip score` decodes (beam search, score settings), with the validation
+references' own document frequencies: pycocoevalcap's CIDEr on that split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.cider import CiderD
+from pipeline.config import ScoreConfig, ScstSettings
+from pipeline.data import ImageRecord
+from pipeline.decoding import caption_features
+from pipeline.devices import Precision, autocast
+from pipeline.features import FeatureStore
+from pipeline.models.base import CaptionModel
+from pipeline.text import tokenize
+from pipeline.training import Optimisation
+
+
+@torch.inference_mode()
+def sample(model: CaptionModel, features: torch.Tensor, samples: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`samples` captions per image, drawn token by token from the model's distribution on its decoding state
+    (the KV cache): (N * samples, T) token ids, image by image, and their (N * samples,) lengths, the stop
+    included where a caption reached it. Banned tokens are never drawn; after the stop a row only pads."""
+    first, step = model.start_decoding(features, samples)
+    never = torch.zeros(first.shape[-1], device=features.device)
+    never[list(model.banned_ids)] = float("-inf")
+    rows = torch.arange(len(features) * samples, device=features.device)
+    logits = first.repeat_interleave(samples, dim=0)
+    tokens, finished = [], torch.zeros(len(rows), dtype=torch.bool, device=features.device)
+    lengths = torch.zeros(len(rows), dtype=torch.long, device=features.device)
+    for _ in range(max_length):
+        drawn = torch.multinomial((logits.float() + never).softmax(-1), 1).squeeze(1)  # (N * S,)
+        drawn = drawn.masked_fill(finished, model.stop_id)
+        lengths += ~finished
+        finished |= drawn == model.stop_id
+        tokens.append(drawn)
+        if finished.all():
+            break
+        logits = step(rows, drawn)
+    return torch.stack(tokens, dim=1), lengths
+
+
+def advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(N, S) rewards -> (N, S) reward minus the mean reward of the image's other samples."""
+    samples = rewards.shape[1]
+    return rewards - (rewards.sum(1, keepdim=True) - rewards) / (samples - 1)
+
+
+def references(records: Sequence[ImageRecord]) -> list[list[str]]:
+    """Each image's references as the scoring protocol's syllables."""
+    return [[tokenize(c) for c in r.captions] for r in records]
+
+
+@dataclass
+class ImageSet:
+    """A split's images for SCST: their features, and their rows in a CIDEr-D corpus of their references."""
+
+    features: torch.Tensor  # (N, D) on the device
+    cider: CiderD  # references of the same N images, in the same order
+
+    @classmethod
+    def build(cls, records: Sequence[ImageRecord], store: FeatureStore, device: torch.device) -> ImageSet:
+        stored = set(store.image_ids.tolist())
+        records = [r for r in records if r.image_id in stored]
+        rows = store.positions([r.image_id for r in records])
+        return cls(torch.from_numpy(store.read(rows)).to(device), CiderD(references(records)))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def scst_epoch(
+    trained: torch.nn.Module, model: CaptionModel, data: ImageSet, settings: ScstSettings,
+    optimisation: Optimisation, generator: torch.Generator, description: str,
+) -> float:
+    """One pass over the training images; returns the mean reward of the samples (over every rank).
+    `trained` is the model or its DistributedDataParallel wrapper; each rank samples for its share of each
+    batch's images, its loss weighted by that share."""
+    order = torch.randperm(len(data), generator=generator)
+    total, drawn = 0.0, 0
+    steps = -(-len(data) // settings.batch_size)
+    for start in tqdm(range(0, len(data), settings.batch_size), total=steps, desc=description,
+                      disable=distributed.progress_disabled()):
+        batch = order[start : start + settings.batch_size]
+        share = distributed.shard(len(batch))
+        weight = len(share) / len(batch) * distributed.world_size()
+        images = batch[share.start : share.stop] if len(share) else batch[:1]
+        features = data.features[images.to(data.features.device)]
+        model.eval()  # sampling draws from the model as it decodes
+        with autocast(features.device, optimisation.policy):
+            tokens, lengths = sample(model, features, settings.samples, settings.max_length)
+        texts = [tokenize(model.decode(row[:n].tolist())) for row, n in zip(tokens.cpu(), lengths.tolist())]
+        rewards = data.cider.scores(texts, np.repeat(images.numpy(), settings.samples))
+        rewards = torch.tensor(rewards, dtype=torch.float32, device=features.device).view(len(images), -1)
+        mask = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
+        trained.train()
+        with autocast(features.device, optimisation.policy):
+            loss = trained(features.repeat_interleave(settings.samples, 0), tokens.clone(), mask,
+                           advantages(rewards).flatten())
+        optimisation.step(trained, loss * (weight if len(share) else 0.0))
+        if len(share):
+            total += float(rewards.sum())
+            drawn += rewards.numel()
+    total, drawn = distributed.all_sum(total, drawn)
+    return total / drawn
+
+
+def validation_cider(model: CaptionModel, data: ImageSet, settings: ScoreConfig, policy: Precision) -> float:
+    """CIDEr-D of the split's captions decoded as `viclip score` decodes them (every rank decodes it all)."""
+    model.eval()
+    with autocast(data.features.device, policy):
+        texts = caption_features(model, data.features, settings, description=None).texts
+    return float(data.cider.scores([tokenize(t) for t in texts], np.arange(len(texts))).mean())
+
+
+@dataclass
+class SelfCritical:
+    """The objective stages/train.py runs for an SCST model: rewards in training, CIDEr-D in validation."""
+
+    model: CaptionModel
+    data: dict[str, ImageSet]  # train (the reward's references and document frequencies) and val
+    settings: ScstSettings
+    decoding: ScoreConfig  # how validation captions are decoded: as `viclip score` decodes
+    columns = ("reward", "val_cider")
+    higher_is_better = True
+
+    @property
+    def steps(self) -> int:
+        return -(-len(self.data["train"]) // self.settings.batch_size)
+
+    def epoch(self, trained: torch.nn.Module, optimisation: Optimisation, generator: torch.Generator,
+              description: str) -> float:
+        return scst_epoch(trained, self.model, self.data["train"], self.settings, optimisation, generator, description)
+
+    def validate(self, model: CaptionModel, policy: Precision) -> float:
+        return validation_cider(model, self.data["val"], self.decoding, policy)

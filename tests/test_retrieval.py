@@ -1,0 +1,91 @@
+"""viclipcap_rag: the prompt of retrieved training captions is built from the training split alone, never
+from the image itself, sits after the prefix without changing what padding hides, and is what the model
+reads: captions of random training images instead make its test captions worse."""
+
+from __future__ import annotations
+
+from contextlib import chdir
+
+import numpy as np
+import torch
+
+from pipeline import paths
+from pipeline.data import load_splits
+from pipeline.decoding import beam_search, caption_features
+from pipeline.features import open_store
+from pipeline.metrics import score_captions
+from pipeline.models import load_model
+from pipeline.retrieval import Datastore
+
+CPU = torch.device("cpu")
+RAG = "viclipcap_rag"
+
+
+def test_the_datastore_is_the_training_split_and_an_image_never_retrieves_itself(demo, config):
+    with chdir(demo):
+        model, spec = load_model(paths.model_dir(config, RAG), CPU)
+        splits = load_splits(config.data)
+        train = open_store(paths.store_path(config, "train"), {})
+        datastore = model.retrieval.datastore
+    held = set(datastore.image_ids)
+    assert held == {int(i) for i in train.image_ids}
+    assert not held & {r.image_id for r in splits["test"]} and not held & {r.image_id for r in splits["val"]}
+    assert spec.extra["datastore"]["split"] == "train" and spec.extra["datastore"]["images"] == len(held)
+    assert spec.sections["retrieval"] == config.retrieval
+
+    rows = datastore.nearest(torch.from_numpy(train.embeddings), config.retrieval.k)  # (N, k)
+    own = torch.tensor([datastore.image_ids.index(int(i)) for i in train.image_ids])
+    assert not (rows == own[:, None]).any()
+    # The nearest others: the image itself would have come first.
+    similarity = torch.nn.functional.normalize(torch.from_numpy(train.embeddings), dim=-1) @ datastore.embeddings.T
+    similarity[torch.arange(len(own)), own] = float("-inf")
+    assert torch.equal(rows[:, 0], similarity.argmax(1))
+
+
+def test_a_datastore_refuses_any_split_but_train(demo, config):
+    with chdir(demo):
+        test = open_store(paths.store_path(config, "test"), {})
+        splits = load_splits(config.data)
+    try:
+        Datastore.build(test, splits["test"], CPU)
+    except Exception as error:
+        assert "train split" in str(error)
+    else:
+        raise AssertionError("a datastore was built from the test split")
+
+
+def test_left_padded_prompts_change_nothing_a_row_reads(demo, config):
+    """A batch of images whose prompts differ in length gives each image the loss and caption it gets alone."""
+    with chdir(demo):
+        model, _ = load_model(paths.model_dir(config, RAG), CPU)
+        features = torch.from_numpy(open_store(paths.store_path(config, "test"), {}).embeddings[:6])
+    prompts = [len(p) for p in model._prompt_ids(model.retrieval.texts(features))]
+    assert len(set(prompts)) > 1, prompts  # the padding is exercised
+    tokens = torch.tensor(model.encode(["có một hình tròn màu đỏ ở bên trái"]) * len(features))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        together = [model.loss(features, tokens, mask, weights=torch.eye(len(features))[i]) * len(features)
+                    for i in range(len(features))]
+        alone = [model.loss(features[i : i + 1], tokens[i : i + 1], mask[i : i + 1]) for i in range(len(features))]
+    assert torch.allclose(torch.stack(together), torch.stack(alone), atol=1e-5)
+    batch = beam_search(model, features, 3, 20, 1.0).tokens
+    assert batch == [beam_search(model, features[i : i + 1], 3, 20, 1.0).tokens[0] for i in range(len(features))]
+
+
+def test_the_model_reads_its_prompt(demo, config):
+    """Captions of random training images in the prompt lower the test CIDEr the model scored."""
+    with chdir(demo):
+        model, _ = load_model(paths.model_dir(config, RAG), CPU)
+        store = open_store(paths.store_path(config, "test"), {})
+        references = {r.image_id: list(r.captions) for r in load_splits(config.data)["test"]}
+        scored = paths.metrics_path(config, RAG)
+        from pipeline.io import read_json
+
+        cider = read_json(scored)["cider"]
+    datastore = model.retrieval.datastore
+    rng = torch.Generator().manual_seed(0)
+    datastore.nearest = lambda embeddings, k: torch.randint(len(datastore.image_ids), (len(embeddings), k), generator=rng)
+    texts = caption_features(model, torch.from_numpy(store.embeddings), config.score, description=None).texts
+    random = score_captions(references, dict(zip((int(i) for i in store.image_ids), texts)))["syllable"]["cider"]
+    assert random < cider - 0.1, (random, cider)
+    assert np.isfinite(random)
