@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ def corpus(images: int, references: tuple[int, int] = (5, 5), seed: int = 0) -> 
     return [captions(rng, int(rng.integers(references[0], references[1] + 1))) for _ in range(images)]
 
 
-def median_seconds(work, repeats: int) -> float:
+def median_seconds(work: Callable[[], object], repeats: int) -> float:
     return statistics.median(measure(work, torch.device("cpu"))["seconds"] for _ in range(repeats))
 
 
