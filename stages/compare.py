@@ -7,11 +7,11 @@ from pipeline.config import Config
 from pipeline.io import read_json, write_text
 from pipeline.metrics import shared_protocols
 from pipeline.models import read_spec
-from pipeline.report import COLUMNS, bar_chart, comparison_markdown
+from pipeline.report import bar_chart, comparison_markdown, display_order
 
 
 def run(config: Config) -> str:
-    names = [model for model, _ in COLUMNS]
+    names = display_order(paths.MODELS)
     metrics = {m: read_json(paths.metrics_path(config, m), f"run `viclip score --model {m}`") for m in names}
     models = {m: read_spec(paths.model_dir(config, m)).to_json() for m in names}
     chart = paths.chart_path(config)
