@@ -4,15 +4,20 @@ and the chart is written whole or not at all."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib.figure
 import pytest
 from PIL import Image
 
+from pipeline import paths
+from pipeline.config import load_config
 from pipeline.errors import ViclipError
+from pipeline.models import spec_for
 from pipeline.protocols import PROTOCOLS
 from pipeline.report import bar_chart, comparison_markdown, display_order, read_markdown_table
+from stages import compare
 
 SYLLABLE = {"name": "syllable", **PROTOCOLS["syllable"].description()}
 WORD = {"name": "word", **PROTOCOLS["word"].description()}
@@ -282,3 +287,34 @@ def test_a_model_with_metrics_but_no_model_config_is_refused():
     with pytest.raises(ViclipError, match="no model config for viclipcap_rag"):
         comparison_markdown(with_variants(metrics(), "viclipcap_rag"), MODELS)
 
+
+@pytest.fixture
+def scored(tmp_path, monkeypatch):
+    """A project folder with both models' metrics files and model directories (config.json alone)."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    for model, scores in metrics().items():
+        paths.metrics_path(config, model).parent.mkdir(parents=True, exist_ok=True)
+        paths.metrics_path(config, model).write_text(json.dumps(scores))
+        paths.model_dir(config, model).mkdir(parents=True)
+        extra = {k: v for k, v in MODELS[model].items() if k not in ("encoder", "lm")}
+        spec = spec_for(model, config, MODELS[model]["encoder"], extra)
+        (paths.model_dir(config, model) / "config.json").write_text(json.dumps(spec.to_json()))
+    return config
+
+
+def test_compare_stage_reports_the_scored_models_and_names_the_rest(scored, monkeypatch):
+    monkeypatch.setattr(paths, "MODELS", (*paths.MODELS, "viclipcap_scst"))  # trained or not, never scored
+    summary = compare.run(scored)
+    assert summary.startswith("compare: CIDEr syllable cnn_lstm 0.6100, viclipcap 0.8300 (not scored, so left out: "
+                              "viclipcap_scst) -> ")
+    markdown = paths.report_path(scored).read_text()
+    assert header(markdown)[:3] == ["Metric", "CNN+LSTM", "ViCLIPCap"] and paths.chart_path(scored).is_file()
+
+
+def test_compare_stage_refuses_metrics_without_their_model_directory(scored):
+    (paths.model_dir(scored, "viclipcap") / "config.json").unlink()
+    paths.model_dir(scored, "viclipcap").rmdir()
+    with pytest.raises(ViclipError, match="viclipcap.json has no model directory .* `viclip train --model viclipcap`"):
+        compare.run(scored)
+    assert not paths.report_path(scored).exists()

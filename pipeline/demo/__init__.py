@@ -132,7 +132,7 @@ def run_demo(workdir: Path) -> None:
     with chdir(workdir):
         splits = load_splits(config.data)
         # Columns in the report's order: the baseline first.
-        models = display_order(paths.MODELS)
+        models = display_order(paths.scored_models(config))
         scores = {m: read_json(paths.metrics_path(config, m)) for m in models}
         scores["blind"] = score_file(config, blind_captions(workdir, splits).name)
         lengths = {m: mean_length(c["caption"] for c in read_json(paths.captions_path(config, m))) for m in models}
