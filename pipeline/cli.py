@@ -161,7 +161,7 @@ def caption(
 
 @app.command()
 def compare(params: Params = Path("params.yaml")) -> None:
-    """Stage 4: the two models side by side: comparison.md (the published table layout) and a bar chart."""
+    """Stage 4: the scored models side by side: comparison.md (the published table layout) and a bar chart."""
     from stages import compare as stage
 
     _run(params, stage.run)

@@ -45,6 +45,11 @@ def metrics_path(config: Config, model: str = MODEL) -> Path:
     return Path(config.score.out) / f"{model}.json"
 
 
+def scored_models(config: Config) -> list[str]:
+    """The models in MODELS that `viclip score` has written a metrics file for."""
+    return [model for model in MODELS if metrics_path(config, model).is_file()]
+
+
 def captions_path(config: Config, model: str = MODEL) -> Path:
     return Path(config.score.out) / f"{model}.captions.json"
 

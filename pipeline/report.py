@@ -1,12 +1,15 @@
-"""The comparison report: the CNN+LSTM baseline and ViCLIPCap side by side.
+"""The comparison report: the CNN+LSTM baseline, ViCLIPCap and its variants side by side.
 
 It lays this run's scores out in the ViCLIPCap paper's table layout, next to the
 figures that paper published, so a reader sees at a glance what this reproduction
 got and what was claimed. It has one table per scoring protocol the metrics files
 share (syllables, words: pipeline.protocols); the published figures sit in the
-syllable table, the protocol they were scored under. Two runs are only put side by
-side when their metrics files were scored on the same split, the same images and
-under the same protocol; anything else would compare numbers that mean different things.
+syllable table, the protocol they were scored under. Runs are only put side by side
+when their metrics files were scored on the same split, the same images and under the
+same protocol; anything else would compare numbers that mean different things.
+
+It takes whichever models it is given (at least the baseline and one other), always
+in the order of DISPLAY, so a model keeps its column and its colour from run to run.
 
 Inputs are plain dicts (a metrics JSON and a model directory's config.json per
 model name); the stage reads the files and writes what these functions return.
@@ -14,7 +17,7 @@ model name); the stage reads the files and writes what these functions return.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +40,18 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("bleu_3", "BLEU-3"),
 )
 
-# Model name (as in the metrics files and model directories) and display name.
-COLUMNS: tuple[tuple[str, str], ...] = (("cnn_lstm", "CNN+LSTM"), ("viclipcap", "ViCLIPCap"))
+BASELINE = "cnn_lstm"  # every comparison has it, in its first column
+
+# Model name (as in the metrics files and model directories) -> display name, in display
+# order: the baseline, ViCLIPCap, then ViCLIPCap's variants. A model not named here is
+# shown under its own name, after these. The order also fixes each model's chart colour.
+DISPLAY: dict[str, str] = {
+    BASELINE: "CNN+LSTM",
+    "viclipcap": "ViCLIPCap",
+    "viclipcap_rag": "ViCLIPCap + retrieval",
+    "viclipcap_scst": "ViCLIPCap + SCST",
+    "viclipcap_published": "ViCLIPCap, published setting",
+}
 
 # The ViCLIPCap paper's KTVIC test results, copied, never re-run. Caveats found in
 # its public code: the "CNN+LSTM" column really came from an EfficientNetV2-S
@@ -57,6 +70,7 @@ REPORTED: dict[str, dict[str, float]] = {
 REPORTED_SUFFIX = " (reported)"
 MISSING_RUN = "n/a"  # a metric this run could not compute (its notes say why)
 MISSING_REPORTED = "—"  # a metric the paper does not give
+NOT_APPLICABLE = "—"  # a models-table setting the model does not have
 REPORTED_CAVEAT = (
     "The reported columns are the figures published by ViCLIPCap for the KTVIC test split, "
     "copied, not re-run. Their CNN+LSTM was really EfficientNetV2-S with a Transformer decoder, "
@@ -65,8 +79,30 @@ REPORTED_CAVEAT = (
 )
 
 
-def _display(model: str) -> str:
-    return dict(COLUMNS)[model]
+def display_name(model: str) -> str:
+    return DISPLAY.get(model, model)
+
+
+def _rank(model: str) -> tuple[int, str]:
+    return (list(DISPLAY).index(model), "") if model in DISPLAY else (len(DISPLAY), model)
+
+
+def display_order(models: Iterable[str]) -> list[str]:
+    """`models` in display order: those in DISPLAY as listed there, then any others by name."""
+    return sorted(models, key=_rank)
+
+
+def _colour(model: str, models: list[str]) -> str:
+    """A palette colour fixed by the model's place in DISPLAY (unnamed models take the ones after)."""
+    unnamed = [m for m in models if m not in DISPLAY]
+    index = list(DISPLAY).index(model) if model in DISPLAY else len(DISPLAY) + unnamed.index(model)
+    return f"C{index % 10}"  # matplotlib's default cycle has 10 colours
+
+
+def _title(models: list[str]) -> str:
+    """`CNN+LSTM vs ViCLIPCap`, and past two models `... and 3 others`."""
+    base, first, *rest = (display_name(m) for m in models)
+    return f"{base} vs {first}" + (f" and {len(rest)} other{'s' if len(rest) > 1 else ''}" if rest else "")
 
 
 # Which published figures each protocol's table compares with.
@@ -80,6 +116,7 @@ COMPARES_WITH = {
 @dataclass(frozen=True)
 class SharedRun:
     """What every metrics file agrees on: the split, the image count, and each protocol's figures."""
+    models: list[str]  # in display order
     split: str
     images: int
     protocols: dict[str, dict[str, Scores]]  # protocol name -> model -> its block (figures, protocol, notes)
@@ -88,18 +125,21 @@ class SharedRun:
 
 def _shared_run(metrics: Mapping[str, Mapping[str, Any]]) -> SharedRun:
     """The split, image count and protocols all metrics files share; refuse files that differ."""
-    missing = [model for model, _ in COLUMNS if model not in metrics]
-    if missing:
-        raise ViclipError(f"comparison: no metrics for {', '.join(missing)}")
-    files = [metrics[model] for model, _ in COLUMNS]
+    if BASELINE not in metrics:
+        raise ViclipError(f"comparison: no metrics for the baseline, {BASELINE} "
+                          f"(`viclip score --model {BASELINE}` writes them)")
+    if len(metrics) < 2:
+        raise ViclipError(f"comparison: no model's metrics to compare {BASELINE} with")
+    models = display_order(metrics)
+    files = [metrics[model] for model in models]
     for field in ("split", "images"):
         values = {repr(f.get(field)) for f in files}
         if len(values) > 1:
             raise ViclipError(f"comparison: the metrics files disagree on {field} ({' vs '.join(sorted(values))})")
-    protocols, unshared = shared_protocols({model: metrics[model] for model, _ in COLUMNS})
+    protocols, unshared = shared_protocols({model: metrics[model] for model in models})
     if not protocols:
         raise ViclipError("comparison: the metrics files share no scoring protocol")
-    return SharedRun(files[0].get("split"), files[0].get("images"), dict(protocols), unshared)
+    return SharedRun(models, files[0].get("split"), files[0].get("images"), dict(protocols), unshared)
 
 
 def _cell(value: float | None, missing: str, bold: bool = False) -> str:
@@ -110,20 +150,19 @@ def _cell(value: float | None, missing: str, bold: bool = False) -> str:
 
 
 def _metric_row(key: str, label: str, runs: Mapping[str, Scores], reported: Mapping[str, Scores]) -> str:
-    values = [runs[model].get(key) for model, _ in COLUMNS]
-    # Compare what is shown: two values that print the same are a tie, both bold.
+    values = [scores.get(key) for scores in runs.values()]
+    # Compare what is shown: values that print the same are a tie, all bold.
     shown = [None if v is None else round(v, 4) for v in values]
     best = max((v for v in shown if v is not None), default=None)
     cells = [_cell(v, MISSING_RUN, bold=v is not None and s == best) for v, s in zip(values, shown)]
-    if reported:
-        cells += [_cell(reported.get(model, {}).get(key), MISSING_REPORTED) for model, _ in COLUMNS]
+    cells += [_cell(reported[model].get(key), MISSING_REPORTED) for model in display_order(reported)]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def _metrics_table(runs: Mapping[str, Scores], reported: Mapping[str, Scores]) -> list[str]:
-    """One protocol's table; the published columns only where `reported` is given."""
-    names = [name for _, name in COLUMNS]
-    header = ["Metric", *names, *(name + REPORTED_SUFFIX for name in names if reported)]
+    """One protocol's table: a column per run (in `runs`' order), then one per model in `reported`."""
+    header = ["Metric", *map(display_name, runs),
+              *(display_name(model) + REPORTED_SUFFIX for model in display_order(reported))]
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -153,7 +192,7 @@ def _protocol_section(name: str, runs: Mapping[str, Mapping[str, Any]], reported
         "",
         *_metrics_table(runs, _reported_for(name, reported)),
         "",
-        f"Bold: the better of this run's two values. {COMPARES_WITH[name]}{caveat}",
+        f"Bold: the best of this run's {len(runs)} values in each row (ties all bold). {COMPARES_WITH[name]}{caveat}",
         "",
     ]
 
@@ -164,12 +203,32 @@ def _config_field(config: Mapping[str, Any], key: str, model: str) -> Any:
     return config[key]
 
 
+def _lm(config: Mapping[str, Any]) -> str:
+    """How the LM was trained: absent for the baseline; `frozen` in model dirs from before `lm.train`."""
+    return str(config["lm"].get("train", "frozen")) if isinstance(config.get("lm"), Mapping) else NOT_APPLICABLE
+
+
+def _setup(config: Mapping[str, Any]) -> str:
+    """What else makes a variant: the model it was fine-tuned from, its retrieval's `k`."""
+    start_from, retrieval = config.get("start_from"), config.get("retrieval")
+    parts = []
+    if start_from is not None:
+        model = start_from.get("model", "?") if isinstance(start_from, Mapping) else start_from
+        parts.append(f"starts from {display_name(str(model))}")
+    if retrieval is not None:
+        k = retrieval.get("k") if isinstance(retrieval, Mapping) else None
+        parts.append("retrieval" + ("" if k is None else f" k={k}"))
+    return "; ".join(parts) or NOT_APPLICABLE
+
+
 def _model_row(model: str, config: Mapping[str, Any], scores: Mapping[str, Any]) -> str:
     encoder = _config_field(config, "encoder", model)
     unfinished = scores.get("unfinished")
     cells = [
-        _display(model),
+        display_name(model),
         f"{str(encoder.get('encoder', '?')).upper()} {encoder.get('model', '?')}",
+        _lm(config),
+        _setup(config),
         f"{_config_field(config, 'trainable_parameters', model):,}",
         f"{_config_field(config, 'train_seconds', model):.1f}",
         str(_config_field(config, "best_epoch", model)),
@@ -180,15 +239,17 @@ def _model_row(model: str, config: Mapping[str, Any], scores: Mapping[str, Any])
     return "| " + " | ".join(cells) + " |"
 
 
-def _models_table(models: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    missing = [model for model, _ in COLUMNS if model not in models]
+def _models_table(models: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, Mapping[str, Any]],
+                  run: SharedRun) -> list[str]:
+    missing = [model for model in run.models if model not in models]
     if missing:
         raise ViclipError(f"comparison: no model config for {', '.join(missing)}")
+    header = ["Model", "Encoder", "LM", "Setup", "Trainable parameters", "Training time (s)", "Best epoch",
+              "Hardware", "Precision", "Unfinished captions"]
     return [
-        "| Model | Encoder | Trainable parameters | Training time (s) | Best epoch | Hardware | Precision "
-        "| Unfinished captions |",
-        "|---|---|---|---|---|---|---|---|",
-        *(_model_row(model, models[model], metrics[model]) for model, _ in COLUMNS),
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *(_model_row(model, models[model], metrics[model]) for model in run.models),
     ]
 
 
@@ -196,16 +257,16 @@ def _note_bullets(metrics: Mapping[str, Mapping[str, Any]], run: SharedRun) -> l
     """One bullet per distinct note; a note all runs share is said once. A metric's note names its protocol."""
     labels = dict(ROWS)
     holders: dict[tuple[str, str], list[str]] = {}
-    for model, name in COLUMNS:
+    for model in run.models:
         notes = [(key, text) for key, text in (metrics[model].get("notes") or {}).items() if key not in METRICS]
         for protocol, runs in run.protocols.items():
             notes += [(f"{labels.get(key, key)} ({protocol})", text)
                       for key, text in (runs[model].get("notes") or {}).items() if key in METRICS]
         for note in notes:
-            holders.setdefault(note, []).append(name)
+            holders.setdefault(note, []).append(display_name(model))
     bullets = []
     for (key, text), names in holders.items():
-        whose = "" if len(names) == len(COLUMNS) else f" ({', '.join(names)})"
+        whose = "" if len(names) == len(run.models) else f" ({'; '.join(names)})"  # display names may hold commas
         bullets.append(f"- {key}{whose}: {text}")
     bullets += [f"- {name.capitalize()} protocol: not in every metrics file, so not compared" for name in run.unshared]
     return bullets
@@ -220,21 +281,23 @@ def comparison_markdown(
 ) -> str:
     """The Markdown report: a metrics table per protocol, the models, the notes, the chart."""
     run = _shared_run(metrics)
-    title = "CNN+LSTM vs ViCLIPCap" + (f" ({title_note})" if title_note else "")
+    title = _title(run.models) + (f" ({title_note})" if title_note else "")
     scorers = {str((runs[model].get("protocol") or {}).get("scorers")) for runs in run.protocols.values()
                for model in runs}
     lines = [
         f"# {title}",
         "",
-        f"Split `{run.split}`, {run.images:,} images; both models scored under the same protocols "
+        f"Split `{run.split}`, {run.images:,} images; {len(run.models)} models scored under the same protocols "
         f"({', '.join(run.protocols)}).",
         "",
         *(line for name, runs in run.protocols.items() for line in _protocol_section(name, runs, reported)),
         "## Models",
         "",
-        *_models_table(models, metrics),
+        *_models_table(models, metrics, run),
         "",
-        "Unfinished captions: test captions that reached `score.max_length` without stopping.",
+        "LM: how its weights were trained (frozen, lora or full). Setup: the model a variant was fine-tuned from "
+        "(its config's `start_from`) and its retrieval's `k`. Unfinished captions: test captions that reached "
+        "`score.max_length` without stopping.",
         "",
         "## Notes",
         "",
@@ -292,14 +355,17 @@ def bar_chart(
     run = _shared_run(metrics)
     protocol, runs = next(iter(run.protocols.items()))
     reported = _reported_for(protocol, reported)
-    shown = [(key, label) for key, label in ROWS if any(runs[m].get(key) is not None for m, _ in COLUMNS)]
-    series = [(name, runs[model], {}, f"C{i}") for i, (model, name) in enumerate(COLUMNS)]
+    palette = display_order({*run.models, *reported})
+    shown = [(key, label) for key, label in ROWS if any(scores.get(key) is not None for scores in runs.values())]
+    series = [(display_name(model), runs[model], {}, _colour(model, palette)) for model in run.models]
     series += [
-        (name + REPORTED_SUFFIX, reported.get(model, {}), {"alpha": 0.4, "hatch": "//"}, f"C{i}")
-        for i, (model, name) in enumerate(COLUMNS) if reported
+        (display_name(model) + REPORTED_SUFFIX, reported[model], {"alpha": 0.4, "hatch": "//"}, _colour(model, palette))
+        for model in display_order(reported)
     ]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    # Wider with more series, so bars stay readable; the legend goes below the plot, four entries a row.
+    fig, ax = plt.subplots(figsize=(max(10.0, 2 + 0.2 * len(series) * len(shown)), 4.5 + 0.3 * (len(series) // 4)),
+                           layout="constrained")
     try:
         for i, (name, scores, style, colour) in enumerate(series):
             bars = [(x + (i - (len(series) - 1) / 2) * width, scores.get(key))
@@ -309,9 +375,8 @@ def bar_chart(
                 ax.bar(xs, heights, width, label=name, color=colour, edgecolor=colour, **style)
         ax.set_xticks(range(len(shown)), [label for _, label in shown])
         ax.set_ylabel("score")
-        ax.set_title(f"CNN+LSTM vs ViCLIPCap: {run.split} split, {run.images:,} images, {protocol} protocol")
-        ax.legend()
-        fig.tight_layout()
+        ax.set_title(f"{_title(run.models)}: {run.split} split, {run.images:,} images, {protocol} protocol")
+        fig.legend(loc="outside lower center", ncols=min(len(series), 4))
         with atomic_path(path) as partial:
             fig.savefig(partial, format="png", dpi=120)
     finally:

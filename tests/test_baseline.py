@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from pipeline.data import load_splits
 from pipeline.errors import ViclipError
 from pipeline.text import tokenize
-from pipeline.report import COLUMNS, read_markdown_table
+from pipeline.report import display_name, read_markdown_table
 from stages import score
 
 CPU = torch.device("cpu")
@@ -93,7 +93,7 @@ def test_both_models_are_scored_by_the_same_call(demo, config, monkeypatch, tmp_
     monkeypatch.setattr(metrics, "score_tokenized", spy)
     rescored = config.model_copy(update={"score": config.score.model_copy(update={"out": str(tmp_path)})})
     with chdir(demo):
-        for model, _ in COLUMNS:
+        for model in paths.MODELS:
             fresh, _ = score.run(rescored, model)
             stored = json.loads(paths.metrics_path(config, model).read_text())
             assert fresh == stored  # decoding is deterministic, so the pipeline's file is this call's result
@@ -106,7 +106,7 @@ def test_the_comparison_tables_say_what_the_metrics_files_say(demo):
     markdown = (demo / "artifacts/report/comparison.md").read_text()
     for protocol in ("syllable", "word"):
         table = read_markdown_table(markdown, protocol)
-        for model, name in COLUMNS:
+        for model, name in ((m, display_name(m)) for m in paths.MODELS):
             scores = json.loads((demo / f"artifacts/metrics/{model}.json").read_text())
             scores = scores if protocol == "syllable" else scores["word"]
             assert table[name] == {k: None if scores[k] is None else round(scores[k], 4) for k in table[name]}
@@ -114,7 +114,7 @@ def test_the_comparison_tables_say_what_the_metrics_files_say(demo):
 
 
 def test_compare_runs_on_word_only_metrics_files(demo_copy, monkeypatch):
-    for model, _ in COLUMNS:  # as `score.protocol: word` writes them: no syllable figures at the top level
+    for model in paths.MODELS:  # as `score.protocol: word` writes them: no syllable figures at the top level
         path = demo_copy / f"artifacts/metrics/{model}.json"
         scores = json.loads(path.read_text())
         path.write_text(json.dumps({k: v for k, v in scores.items() if k not in metrics.METRICS and k != "protocol"}))

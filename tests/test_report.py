@@ -1,17 +1,23 @@
-"""The comparison report: the table says what the metrics files say, bold marks the better run,
-the published figures sit beside them untouched, and the chart is written whole or not at all."""
+"""The comparison report: the table says what the metrics files say, bold marks the best run,
+the published figures sit beside them untouched, any number of models keep the display order,
+and the chart is written whole or not at all."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib.figure
 import pytest
 from PIL import Image
 
+from pipeline import paths
+from pipeline.config import load_config
 from pipeline.errors import ViclipError
+from pipeline.models import spec_for
 from pipeline.protocols import PROTOCOLS
-from pipeline.report import bar_chart, comparison_markdown, read_markdown_table
+from pipeline.report import bar_chart, comparison_markdown, display_order, read_markdown_table
+from stages import compare
 
 SYLLABLE = {"name": "syllable", **PROTOCOLS["syllable"].description()}
 WORD = {"name": "word", **PROTOCOLS["word"].description()}
@@ -26,7 +32,21 @@ MODELS = {
     "cnn_lstm": {"trainable_parameters": 12_345_678, "train_seconds": 3600.04, "device": "cpu", "best_epoch": 7,
                  "encoder": {"encoder": "cnn", "model": "resnet101"}},
     "viclipcap": {"trainable_parameters": 3_456_789, "train_seconds": 812.34, "device": "NVIDIA H100", "best_epoch": 9,
-                  "encoder": {"encoder": "clip", "model": "ViT-B-32-quickgelu"}},
+                  "encoder": {"encoder": "clip", "model": "ViT-B-32-quickgelu"},
+                  "lm": {"name": "imthanhlv/gpt2news", "stop": "."}},  # from before lm.train: frozen
+}
+# Variants, each a model of its own; `viclipcap_lora` stands for a model the report has no display name for.
+VARIANT_SCORES = {
+    "viclipcap_scst": {**SCORES["viclipcap"], "cider": 0.91, "bleu_4": 0.33, "rouge_l": 0.50004},
+    "viclipcap_rag": {**SCORES["viclipcap"], "cider": 0.88, "bleu_4": 0.34},
+    "viclipcap_lora": {**SCORES["viclipcap"], "cider": 0.85, "rouge_l": 0.49},
+}
+VARIANT_MODELS = {
+    "viclipcap_scst": {**MODELS["viclipcap"], "lm": {"name": "gpt2", "stop": ".", "train": "frozen"},
+                       "start_from": {"model": "viclipcap", "dir": "artifacts/models/viclipcap"}},
+    "viclipcap_rag": {**MODELS["viclipcap"], "lm": {"name": "gpt2", "stop": ".", "train": "frozen"},
+                      "retrieval": {"k": 4, "index": "train"}},
+    "viclipcap_lora": {**MODELS["viclipcap"], "lm": {"name": "gpt2", "stop": ".", "train": "lora"}},
 }
 
 
@@ -44,6 +64,18 @@ def with_words(files: dict, **changes) -> dict:
                         "protocol": dict(WORD), "notes": {"spice": SPICE_NOTE}}
     files["viclipcap"]["word"].update(changes)
     return files
+
+
+def with_variants(files: dict, *models: str) -> dict:
+    """`files` and the variants' metrics files, in `models`' order (ahead of `files`: the report reorders)."""
+    variants = {m: {**VARIANT_SCORES[m], "model": m, "split": "test", "images": 558, "protocol": dict(SYLLABLE),
+                    "notes": {"spice": SPICE_NOTE}} for m in models}
+    return {**variants, **dict(reversed(files.items()))}
+
+
+def header(markdown: str, first: str = "| Metric |") -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith(first))
+    return [cell.strip() for cell in line.strip("|").split("|")]
 
 
 def row(markdown: str, label: str) -> list[str]:
@@ -82,8 +114,10 @@ def test_table_reads_back_as_the_metrics_files():
 def test_report_states_split_models_protocol_notes_and_chart():
     markdown = comparison_markdown(metrics(), MODELS, chart="chart.png")
     assert "`test`, 558 images" in markdown
-    assert "| ViCLIPCap | CLIP ViT-B-32-quickgelu | 3,456,789 | 812.3 | 9 | NVIDIA H100 |" in markdown
-    assert "| CNN+LSTM | CNN resnet101 | 12,345,678 | 3600.0 | 7 | cpu |" in markdown
+    assert "# CNN+LSTM vs ViCLIPCap\n" in markdown and "2 models scored" in markdown
+    assert "| ViCLIPCap | CLIP ViT-B-32-quickgelu | frozen | — | 3,456,789 | 812.3 | 9 | NVIDIA H100 |" in markdown
+    assert "| CNN+LSTM | CNN resnet101 | — | — | 12,345,678 | 3600.0 | 7 | cpu |" in markdown
+    assert header(markdown) == ["Metric", "CNN+LSTM", "ViCLIPCap", "CNN+LSTM (reported)", "ViCLIPCap (reported)"]
     assert f"Tokenisation: {SYLLABLE['tokenisation']}." in markdown
     assert f"- SPICE (syllable): {SPICE_NOTE}" in markdown
     assert "](chart.png)" in markdown
@@ -165,3 +199,122 @@ def test_word_scores_from_another_segmenter_are_not_compared():
     other = {**WORD, "segmenter": {**WORD["segmenter"], "version": "6.8.4"}}
     with pytest.raises(ViclipError, match="disagree on protocol \\(word"):
         comparison_markdown(with_words(metrics(), protocol=other), MODELS)
+
+
+def test_display_order_is_baseline_viclipcap_variants_then_unnamed_models_by_name():
+    given = ["zeta", "viclipcap_published", "viclipcap_scst", "alpha", "viclipcap", "viclipcap_rag", "cnn_lstm"]
+    assert display_order(given) == ["cnn_lstm", "viclipcap", "viclipcap_rag", "viclipcap_scst", "viclipcap_published",
+                                    "alpha", "zeta"]
+
+
+def test_variants_are_columns_in_display_order_whatever_the_dict_order():
+    files = with_variants(metrics(), "viclipcap_lora", "viclipcap_scst", "viclipcap_rag")
+    markdown = comparison_markdown(files, {**VARIANT_MODELS, **MODELS})
+    runs = ["CNN+LSTM", "ViCLIPCap", "ViCLIPCap + retrieval", "ViCLIPCap + SCST", "viclipcap_lora"]
+    assert header(markdown) == ["Metric", *runs, "CNN+LSTM (reported)", "ViCLIPCap (reported)"]
+    assert header(markdown, "| Model |")[:4] == ["Model", "Encoder", "LM", "Setup"]
+    assert [line.split(" | ")[0][2:] for line in markdown.split("## Models")[1].splitlines()
+            if line.startswith("| ") and not line.startswith("| Model")] == runs
+    table = read_markdown_table(markdown)
+    assert list(table)[:5] == runs
+    assert table["viclipcap_lora"]["cider"] == 0.85 and table["ViCLIPCap + SCST"]["cider"] == 0.91
+    assert "# CNN+LSTM vs ViCLIPCap and 3 others\n" in markdown and "5 models scored" in markdown
+    assert "best of this run's 5 values" in markdown
+
+
+def test_bold_marks_the_best_of_all_models_in_each_row():
+    markdown = comparison_markdown(with_variants(metrics(), "viclipcap_rag", "viclipcap_scst", "viclipcap_lora"),
+                                   {**MODELS, **VARIANT_MODELS})
+    assert row(markdown, "CIDEr")[:5] == ["0.6100", "0.8300", "0.8800", "**0.9100**", "0.8500"]
+    assert row(markdown, "BLEU-4")[:5] == ["0.2457", "0.3100", "**0.3400**", "0.3300", "0.3100"]
+    # 0.5, 0.50001 and 0.50004 all print 0.5000: a three-way tie; 0.49 is not.
+    assert row(markdown, "ROUGE-L")[:5] == ["**0.5000**", "**0.5000**", "**0.5000**", "**0.5000**", "0.4900"]
+    assert row(markdown, "SPICE")[:5] == ["n/a"] * 5
+    assert not any("**" in cell for cell in row(markdown, "CIDEr")[5:])  # reported: never bold
+
+
+def test_models_table_shows_lm_training_start_and_retrieval():
+    markdown = comparison_markdown(with_variants(metrics(), "viclipcap_rag", "viclipcap_scst", "viclipcap_lora"),
+                                   {**MODELS, **VARIANT_MODELS})
+    assert row(markdown, "CNN+LSTM")[1:3] == ["—", "—"]  # no LM, no setup
+    assert row(markdown, "ViCLIPCap")[1:3] == ["frozen", "—"]  # lm without `train`: from before it, frozen
+    assert row(markdown, "ViCLIPCap + SCST")[1:3] == ["frozen", "starts from ViCLIPCap"]
+    assert row(markdown, "ViCLIPCap + retrieval")[1:3] == ["frozen", "retrieval k=4"]
+    assert row(markdown, "viclipcap_lora")[1:3] == ["lora", "—"]
+
+
+def test_a_note_all_models_share_is_said_once_else_whose():
+    files = with_variants(metrics(), "viclipcap_rag", "viclipcap_scst")
+    for model in ("viclipcap_rag", "viclipcap_scst"):
+        files[model]["notes"] = {**files[model]["notes"], "decoding": "beam 3"}
+    markdown = comparison_markdown(files, {**MODELS, **VARIANT_MODELS})
+    assert markdown.count(SPICE_NOTE) == 1 and f"- SPICE (syllable): {SPICE_NOTE}" in markdown
+    assert "- decoding (ViCLIPCap + retrieval; ViCLIPCap + SCST): beam 3" in markdown
+
+
+def test_bar_chart_grows_with_the_models_and_stays_one_png(tmp_path):
+    two, five = tmp_path / "two.png", tmp_path / "five.png"
+    bar_chart(metrics(), two)
+    bar_chart(with_variants(metrics(), "viclipcap_rag", "viclipcap_scst", "viclipcap_lora"), five)
+    with Image.open(two) as small, Image.open(five) as large:
+        assert large.format == "PNG" and 1200 <= small.width < large.width < 4000 and 400 < large.height < 1500
+    assert sorted(tmp_path.iterdir()) == [five, two]
+
+
+@pytest.mark.parametrize("drop, message", [
+    (("cnn_lstm",), "no metrics for the baseline, cnn_lstm"),
+    (("viclipcap", "viclipcap_rag"), "no model's metrics to compare cnn_lstm with"),
+])
+def test_a_comparison_needs_the_baseline_and_another_model(drop, message, tmp_path):
+    files = with_variants(metrics(), "viclipcap_rag")
+    for model in drop:
+        del files[model]
+    with pytest.raises(ViclipError, match=message):
+        comparison_markdown(files, {**MODELS, **VARIANT_MODELS})
+    with pytest.raises(ViclipError, match=message):
+        bar_chart(files, tmp_path / "comparison.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_variant_scored_on_another_split_is_not_compared():
+    files = with_variants(metrics(), "viclipcap_rag", "viclipcap_scst")
+    files["viclipcap_scst"]["split"] = "val"
+    with pytest.raises(ViclipError, match="disagree on split"):
+        comparison_markdown(files, {**MODELS, **VARIANT_MODELS})
+
+
+def test_a_model_with_metrics_but_no_model_config_is_refused():
+    with pytest.raises(ViclipError, match="no model config for viclipcap_rag"):
+        comparison_markdown(with_variants(metrics(), "viclipcap_rag"), MODELS)
+
+
+@pytest.fixture
+def scored(tmp_path, monkeypatch):
+    """A project folder with both models' metrics files and model directories (config.json alone)."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    for model, scores in metrics().items():
+        paths.metrics_path(config, model).parent.mkdir(parents=True, exist_ok=True)
+        paths.metrics_path(config, model).write_text(json.dumps(scores))
+        paths.model_dir(config, model).mkdir(parents=True)
+        extra = {k: v for k, v in MODELS[model].items() if k not in ("encoder", "lm")}
+        spec = spec_for(model, config, MODELS[model]["encoder"], extra)
+        (paths.model_dir(config, model) / "config.json").write_text(json.dumps(spec.to_json()))
+    return config
+
+
+def test_compare_stage_reports_the_scored_models_and_names_the_rest(scored, monkeypatch):
+    monkeypatch.setattr(paths, "MODELS", (*paths.MODELS, "viclipcap_scst"))  # trained or not, never scored
+    summary = compare.run(scored)
+    assert summary.startswith("compare: CIDEr syllable cnn_lstm 0.6100, viclipcap 0.8300 (not scored, so left out: "
+                              "viclipcap_scst) -> ")
+    markdown = paths.report_path(scored).read_text()
+    assert header(markdown)[:3] == ["Metric", "CNN+LSTM", "ViCLIPCap"] and paths.chart_path(scored).is_file()
+
+
+def test_compare_stage_refuses_metrics_without_their_model_directory(scored):
+    (paths.model_dir(scored, "viclipcap") / "config.json").unlink()
+    paths.model_dir(scored, "viclipcap").rmdir()
+    with pytest.raises(ViclipError, match="viclipcap.json has no model directory .* `viclip train --model viclipcap`"):
+        compare.run(scored)
+    assert not paths.report_path(scored).exists()

@@ -30,7 +30,7 @@ from pipeline.demo.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cn
 from pipeline.errors import ViclipError
 from pipeline.io import read_json, write_json, write_text
 from pipeline.metrics import format_tables
-from pipeline.report import COLUMNS
+from pipeline.report import display_order
 from pipeline.text import tokenize
 from stages.score import score_file
 
@@ -138,17 +138,18 @@ def run_demo(workdir: Path) -> None:
     config = load_config(workdir / "params.yaml")
     with chdir(workdir):
         splits = load_splits(config.data)
-        # Columns in the published table's order: the baseline first.
-        scores = {m: read_json(paths.metrics_path(config, m)) for m, _ in COLUMNS}
+        # Columns in the report's order: the baseline first.
+        models = display_order(paths.scored_models(config))
+        scores = {m: read_json(paths.metrics_path(config, m)) for m in models}
         scores["blind"] = score_file(config, blind_captions(workdir, splits).name)
-        lengths = {m: mean_length(c["caption"] for c in read_json(paths.captions_path(config, m))) for m, _ in COLUMNS}
+        lengths = {m: mean_length(c["caption"] for c in read_json(paths.captions_path(config, m))) for m in models}
         lengths["references"] = mean_length(c for r in splits["test"] for c in r.captions)
     first = scores[paths.MODEL]
     print(f"\nKTVIC-layout synthetic test split, {first['images']} images")
     print(format_tables(scores))
     print("blind = the most frequent training caption for every image")
     print(f"captions that never stopped (of {first['images']}): "
-          + ", ".join(f"{m} {scores[m]['unfinished']}" for m, _ in COLUMNS))
+          + ", ".join(f"{m} {scores[m]['unfinished']}" for m in models))
     print("mean caption length (syllables): " + ", ".join(f"{k} {v:.1f}" for k, v in lengths.items()))
     print(f"comparison table and chart: {workdir / paths.report_path(config)}, {workdir / paths.chart_path(config)}")
     print(f"serve both models (API and page at http://127.0.0.1:8000/): {serve_command(workdir)}")
