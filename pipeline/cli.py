@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline import distributed
+from pipeline import distributed, paths
 from pipeline.config import Config, load_config
 from pipeline.data import SPLITS
 from pipeline.errors import ViclipError
@@ -145,7 +145,6 @@ def caption(
     params: Params = Path("params.yaml"),
 ) -> None:
     """Caption new image files with a trained model, many at once; one line per image."""
-    from pipeline import paths
     from pipeline.inference import caption_files
 
     _choice("--model", model, MODELS)
@@ -169,7 +168,7 @@ def compare(params: Params = Path("params.yaml")) -> None:
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="Which model: viclipcap, cnn_lstm, or all (side by side).")] = MODELS[0],
+    model: Annotated[str, typer.Option(help="Which model, or all: every trained one, side by side.")] = MODELS[0],
     host: Annotated[str, typer.Option(help="The address to listen on (only this machine by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
     params: Params = Path("params.yaml"),
@@ -179,7 +178,11 @@ def serve(
 
     _choice("--model", model, (*MODELS, "all"))
     with _clear_errors():
-        run_service(load_config(params), list(MODELS) if model == "all" else [model], host, port)
+        config = load_config(params)
+        trained = [m for m in MODELS if paths.model_dir(config, m).is_dir()]
+        if model == "all" and not trained:
+            raise ViclipError(f"no trained model under {config.train.out}; run `viclip train` first")
+        run_service(config, trained if model == "all" else [model], host, port)
 
 
 @app.command()

@@ -35,7 +35,7 @@ def free_port() -> int:
 def server(demo):
     """The serve command the demo printed, run from the folder it names, on a free loopback port."""
     line = (demo / "demo.out").read_text().strip().splitlines()[-1]
-    assert line.startswith("serve both models") and " && " in line, line
+    assert line.startswith("serve every model") and " && " in line, line
     folder, command = line.split(": ", 1)[1].split(" && ")
     assert folder == f"cd {demo}"
     port = free_port()

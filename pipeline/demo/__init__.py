@@ -133,7 +133,7 @@ def run_demo(workdir: Path) -> None:
     if not (workdir / "params.yaml").is_file():
         print(f"demo: building synthetic data and tiny models in {workdir}")
         prepare(workdir)
-    print("demo: dvc repro (extract -> train -> score, for both models; then compare)")
+    print("demo: dvc repro (extract -> train -> score, for the baseline, ViCLIPCap and its variants; then compare)")
     sys.stdout.write(dvc(workdir, "repro"))
     config = load_config(workdir / "params.yaml")
     with chdir(workdir):
@@ -151,8 +151,11 @@ def run_demo(workdir: Path) -> None:
     print(f"captions that never stopped (of {first['images']}): "
           + ", ".join(f"{m} {scores[m]['unfinished']}" for m in models))
     print("mean caption length (syllables): " + ", ".join(f"{k} {v:.1f}" for k, v in lengths.items()))
-    print(f"comparison table and chart: {workdir / paths.report_path(config)}, {workdir / paths.chart_path(config)}")
-    print(f"serve both models (API and page at http://127.0.0.1:8000/): {serve_command(workdir)}")
+    report = (workdir / paths.report_path(config)).read_text(encoding="utf-8")
+    print("\nablation: what each model trains and what it cost (from the comparison report)")
+    print(report[report.index("## Models") :].split("\n## ")[0].removeprefix("## Models").strip())
+    print(f"\ncomparison table and chart: {workdir / paths.report_path(config)}, {workdir / paths.chart_path(config)}")
+    print(f"serve every model (API and page at http://127.0.0.1:8000/): {serve_command(workdir)}")
 
 
 def serve_command(workdir: Path) -> str:

@@ -106,7 +106,7 @@ def news_documents(caption_groups: list[list[str]], seed: int = 0, per_document:
 
 def make_tiny_lm(
     caption_groups: list[list[str]], directory: str | Path, convention: str = "gpt2news",
-    steps: int = 300, seed: int = 0, width: int = 64, layers: int = 2, block: int = 64,
+    steps: int = 300, seed: int = 0, width: int = 64, layers: int = 2, block: int = 128,
 ) -> Path:
     """A small GPT-2 pre-trained the way real news LMs are, saved with `save_pretrained`.
 
@@ -116,7 +116,9 @@ def make_tiny_lm(
     never learns to emit it (its output row is only ever pushed down), while it does
     learn that a sentence ends with ".". Each document holds captions of one image, so
     earlier text tells what comes next, as in a real LM: one that ignored its context
-    could not be steered by a prefix. The embedding matrix is padded past the tokenizer
+    could not be steered by a prefix. Blocks fill its whole context, so every position it
+    has was trained, as in a real LM (a prompt of retrieved captions reaches far into it).
+    The embedding matrix is padded past the tokenizer
     to a multiple of 64, as many checkpoints are: those rows map to no token.
     """
     directory = Path(directory)
@@ -126,7 +128,7 @@ def make_tiny_lm(
     ids = torch.tensor([i for doc in tokenizer(documents, add_special_tokens=False)["input_ids"] for i in doc])
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     config = GPT2Config(
-        vocab_size=-(-len(tokenizer) // 64) * 64, n_positions=2 * block, n_embd=width, n_layer=layers, n_head=2,
+        vocab_size=-(-len(tokenizer) // 64) * 64, n_positions=block, n_embd=width, n_layer=layers, n_head=2,
         bos_token_id=eos, eos_token_id=eos,
     )
     model = GPT2LMHeadModel(config)

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.config import ScoreConfig
 from pipeline.encoders import BadImage, ImageTooLarge, open_rgb
 from pipeline.inference import LoadedModel
+from pipeline.report import display_name
 from pipeline.serve.batcher import Decoded, MicroBatcher, QueueFull
 
 STATIC = Path(__file__).parent / "static"
@@ -136,10 +137,11 @@ def describe(loaded: LoadedModel, metrics: dict[str, Any] | None) -> dict[str, A
     lm = spec.sections.get("lm")
     return {
         "model": loaded.name,
+        "display": display_name(loaded.name),
         "directory": str(loaded.model_dir),
         "encoder": {"name": loaded.encoder_name, "model": spec.encoder.get("model"),
                     "weights": spec.encoder.get("weights") or spec.encoder.get("pretrained")},
-        "lm": None if lm is None else {"name": lm.name, "stop": lm.stop},
+        "lm": None if lm is None else {"name": lm.name, "stop": lm.stop, "train": getattr(lm, "train", "frozen")},
         "precision": {"training": spec.extra.get("precision"), "decoding": "fp32"},
         "trainable_parameters": spec.extra.get("trainable_parameters"),
         "device": str(loaded.device),

@@ -2,7 +2,7 @@
 // Plain script, no framework and nothing fetched from elsewhere, so the page works offline.
 "use strict";
 
-const MODEL_NAMES = { viclipcap: "ViCLIPCap", cnn_lstm: "CNN+LSTM" };
+const NAMES = {};  // model -> display name, as GET /v1/models gives them
 const $ = (id) => document.getElementById(id);
 
 function element(tag, attributes = {}, ...children) {
@@ -29,12 +29,13 @@ async function getJSON(url) {
 
 async function loadModels() {
   const info = await getJSON("/v1/models");
+  for (const m of info.models) NAMES[m.model] = m.display;
   $("models").textContent = "Serving " + info.models.map((m) => {
     // Syllable figures sit at the top of a metrics file, word figures in its `word` block (README, protocols).
     const scored = m.test_metrics && (m.test_metrics.cider != null ? m.test_metrics : m.test_metrics.word);
     const cider = scored && scored.cider != null
       ? `, test CIDEr ${scored.cider.toFixed(3)} (${(scored.protocol && scored.protocol.name) || "syllable"})` : "";
-    return `${MODEL_NAMES[m.model] || m.model} (${m.encoder.name} encoder${cider})`;
+    return `${m.display} (${m.encoder.name} encoder${cider})`;
   }).join(" and ");
   for (const [id, key, limit] of [["beam", "beam_size", "max_beam_size"], ["length", "max_length", "max_length"]]) {
     $(id).value = info.defaults[key];
@@ -137,7 +138,7 @@ async function caption(files) {
     for (const [model, text] of Object.entries(image.captions)) {
       const t = timings.models[model];
       captions.append(element("div", { class: `caption ${model}`, "data-model": model },
-        element("div", { class: "model" }, MODEL_NAMES[model] || model),
+        element("div", { class: "model" }, NAMES[model] || model),
         element("div", { class: "text", lang: "vi" }, text),
         element("div", { class: "time" },
           `${seconds(t.model_s)} on the model (a batch of ${t.batch_images}), ${seconds(t.queued_s)} queued`)));
