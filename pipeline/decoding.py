@@ -102,7 +102,7 @@ def caption_features(
     # The LM's context holds the prefix and the caption: never ask for positions it does not have.
     limit = settings.max_length if model.max_tokens is None else min(settings.max_length, model.max_tokens)
     if limit < 1:
-        raise ViclipError(f"the LM's context holds no caption token after the prefix ({model.max_tokens} positions left)")
+        raise ViclipError(f"the LM's context holds no caption token after the prefix and prompt ({model.max_tokens} positions left)")
     batches = features.split(settings.batch_size) if isinstance(features, torch.Tensor) else features
     texts: list[str] = []
     unfinished = 0

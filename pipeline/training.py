@@ -62,7 +62,7 @@ class CaptionSet:
         ids = encode(captions)
         longest = max(len(t) for t in ids)
         if max_tokens is not None and longest > max_tokens:
-            raise ViclipError(f"a caption of {longest} tokens does not fit the LM after the prefix ({max_tokens})")
+            raise ViclipError(f"a caption of {longest} tokens does not fit the LM after the prefix (and prompt): {max_tokens} positions left")
         tokens = torch.zeros((len(ids), longest), dtype=torch.long)  # padding is masked, whatever its id
         for row, caption in enumerate(ids):
             tokens[row, : len(caption)] = torch.tensor(caption)

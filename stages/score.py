@@ -99,7 +99,7 @@ def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | N
     if captions.clamped_from is not None:
         notes["max_length"] = (
             f"score.max_length {captions.clamped_from} capped at {captions.max_length}: "
-            "the LM's context holds no more after the prefix"
+            "the LM's context holds no more after the prefix (and the longest retrieval prompt)"
         )
 
     metrics = laid_out(by_protocol, model=spec.name, split="test", images=len(scored), unfinished=unfinished,

@@ -1,9 +1,11 @@
 """Stage 2: train a model on the stored image features, its backbones frozen; keep the best epoch.
 
-Either model, one loop: AdamW on the trainable parameters, linear warm-up then
-decay, validation loss after every epoch, the best epoch's weights kept, and
-early stopping after `patience` epochs without improvement. Each epoch ends with a
-checkpoint (pipeline/checkpoint.py), so a killed run resumes where it was. Under torchrun
+Every model, one loop: AdamW on the trainable parameters, linear warm-up then decay, a validation
+figure after every epoch, the best epoch's weights kept, and early stopping after `patience` epochs
+without a better one. The objective is cross-entropy (validation loss, lower is better), or for an
+SCST model self-critical training from the model it starts from (validation CIDEr-D, higher is
+better; the starting model is epoch 0). A variant trains under its own view of the params. Each epoch
+ends with a checkpoint (pipeline/checkpoint.py), so a killed run resumes where it was. Under torchrun
 what is trained is wrapped in DistributedDataParallel; the main rank writes.
 """
 
