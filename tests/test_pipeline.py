@@ -9,15 +9,19 @@ import pytest
 from pipeline.config import dump_config, load_config
 from pipeline.demo import dvc
 
-STAGES = ("extract_clip", "extract_cnn", "train_viclipcap", "train_cnn_lstm", "score_viclipcap", "score_cnn_lstm",
-          "compare")
+from pipeline.paths import ENCODERS, MODELS
+
+STAGES = (*(f"extract_{e}" for e in ENCODERS), *(f"train_{m}" for m in MODELS), *(f"score_{m}" for m in MODELS), "compare")
+# What a change of each model's training settings re-runs: the model, and the models that start from it.
+RERUNS = {"viclipcap": {"viclipcap", "viclipcap_scst"}, "cnn_lstm": {"cnn_lstm"}, "viclipcap_rag": {"viclipcap_rag"},
+          "viclipcap_scst": {"viclipcap_scst"}, "viclipcap_published": {"viclipcap_published"}}
 
 
-def test_demo_runs_both_branches_and_both_models_beat_the_blind_baseline(demo):
+def test_demo_runs_every_branch_and_every_model_beats_the_blind_baseline(demo):
     out = (demo / "demo.out").read_text()
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
-    for model in ("viclipcap", "cnn_lstm"):
+    for model in MODELS:
         metrics = json.loads((demo / f"artifacts/metrics/{model}.json").read_text())
         assert set(metrics) >= {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice"}
         assert metrics["split"] == "test" and metrics["images"] == 80
@@ -27,11 +31,12 @@ def test_demo_runs_both_branches_and_both_models_beat_the_blind_baseline(demo):
     for protocol in ("syllable", "word"):
         table = out.split(f"\n{protocol} protocol: ")[-1].split("metric ")[1]
         header, *rows = [line.split() for line in table.splitlines()[:9]]
-        assert header == ["cnn_lstm", "viclipcap", "blind"]
+        assert header == ["cnn_lstm", "viclipcap", "viclipcap_rag", "viclipcap_scst", "viclipcap_published", "blind"]
         cider = dict(zip(header, (float(x) for x in next(r for r in rows if r[0] == "cider")[1:])))
         # Each trained model must see the image: far above one caption for every image.
-        assert cider["viclipcap"] > cider["blind"] + 1.0, (protocol, cider)
-        assert cider["cnn_lstm"] > cider["blind"] + 1.0, (protocol, cider)
+        for model in MODELS:
+            assert cider[model] > cider["blind"] + 1.0, (protocol, model, cider)
+    assert "ablation: what each model trains and what it cost" in out and "| Model | Encoder | LM |" in out
 
 
 def test_second_repro_does_nothing(demo_copy):
@@ -40,18 +45,21 @@ def test_second_repro_does_nothing(demo_copy):
     assert "up to date" in out
 
 
-@pytest.mark.parametrize("model, other", [("viclipcap", "cnn_lstm"), ("cnn_lstm", "viclipcap")])
-def test_one_models_training_params_rerun_only_its_branch(demo_copy, model, other):
+@pytest.mark.parametrize("model", ["viclipcap", "cnn_lstm", "viclipcap_rag", "viclipcap_scst"])
+def test_one_models_training_params_rerun_only_its_branch(demo_copy, model):
     params = load_config(demo_copy / "params.yaml").model_dump()
-    params["train"][model]["epochs"] = 2
+    params["train"][model]["epochs"] = 1
     (demo_copy / "params.yaml").write_text(dump_config(params))
     out = dvc(demo_copy, "repro")
     assert "Running stage 'extract" not in out
-    assert f"Running stage 'train_{other}'" not in out and f"Running stage 'score_{other}'" not in out
-    for stage in (f"train_{model}", f"score_{model}", "compare"):
-        assert f"Running stage '{stage}'" in out
+    for other in set(MODELS) - RERUNS[model]:
+        assert f"Running stage 'train_{other}'" not in out and f"Running stage 'score_{other}'" not in out
+    for rerun in RERUNS[model]:
+        assert f"Running stage 'train_{rerun}'" in out and f"Running stage 'score_{rerun}'" in out
+    assert "Running stage 'compare'" in out
     log = (demo_copy / f"artifacts/models/{model}.csv").read_text().splitlines()
-    assert log[0] == "epoch,train_loss,val_loss,lr,seconds" and len(log) <= 3
+    columns = "reward,val_cider" if model == "viclipcap_scst" else "train_loss,val_loss"
+    assert log[0] == f"epoch,{columns},lr,seconds" and len(log) == 2
 
 
 def test_outputs_record_what_produced_them(demo):

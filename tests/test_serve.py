@@ -23,7 +23,9 @@ from pipeline.cli import app as cli
 from pipeline.config import load_config
 from pipeline.encoders import BadImage, ImageTooLarge, open_rgb
 from pipeline.inference import LoadedModel
+from pipeline.models import family
 from pipeline.paths import MODELS
+from pipeline.report import display_name
 from pipeline.serve import Limits, Served, create_app, load_served
 
 
@@ -99,7 +101,8 @@ def test_health_and_what_is_loaded(client, demo):
         assert described["trainable_parameters"] == config["trainable_parameters"] > 0
         assert described["precision"]["training"] == config["precision"]
         assert described["test_metrics"]["cider"] == metrics["cider"]
-        assert described["encoder"]["name"] == {"viclipcap": "clip", "cnn_lstm": "cnn"}[model]
+        assert described["encoder"]["name"] == family(model).encoder
+        assert described["display"] == display_name(model)
     by_name = {m["model"]: m for m in info["models"]}
     assert by_name["viclipcap"]["lm"]["name"] == "models/lm" and by_name["cnn_lstm"]["lm"] is None
     assert info["defaults"] == {"beam_size": 3, "max_length": 24}

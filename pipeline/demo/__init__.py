@@ -49,6 +49,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lm": {"name": "models/lm"},
     "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 2, "num_heads": 2},
     "lstm": {"min_count": 2, "embed_dim": 64, "attention_dim": 64, "hidden_dim": 128, "dropout": 0.3},
+    # The tiny LM has read nothing but captions: the default template's other words would reach it as
+    # byte-level pieces it never saw. A prompt of captions alone is running text it knows.
+    "retrieval": {"template": "{captions}."},
     "viclipcap_published": {"mapper": {"prefix_length": 4}},
     "train": {
         "viclipcap": {"epochs": 20, "patience": 20, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
