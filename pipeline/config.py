@@ -41,11 +41,28 @@ class CnnConfig(_Section):
     grid: int = Field(gt=0)  # the feature map is pooled to grid x grid positions
 
 
+LmTrain = Literal["frozen", "lora", "full"]  # lm.train
+
+
+class LoraSettings(_Section):
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the LM's attention, for lm.train: lora. The targets are
+    not a setting: GPT-2's one attention projection, `c_attn` (query, key and value in one matrix), where
+    the LoRA paper found adapting the attention enough."""
+
+    rank: int = Field(gt=0)  # r: the rank of each adapter's update B @ A
+    alpha: int = Field(gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(ge=0, lt=1)  # on the adapters' input, while training
+
+
 class LmConfig(_Section):
     name: str  # a Hugging Face id or a local directory
     # What ends a caption: a text the LM predicts at a sentence end (one token after a caption),
     # or null for the LM's end-of-text token.
     stop: str | None = Field(min_length=1)
+    # What training does to the LM: nothing (frozen), adapters on its attention (lora), or every weight
+    # (full). A lora or full model directory holds what was trained and loads only onto the same base LM.
+    train: LmTrain
+    lora: LoraSettings  # read for train: lora only, but always required, like every key
 
 
 class MapperConfig(_Section):
@@ -110,7 +127,7 @@ class PublishedConfig(_Section):
     """viclipcap_published: what the published ViCLIPCap run trained (its CLIP is the clip_published section)."""
 
     mapper: MapperConfig
-    lm_train: Literal["frozen", "lora", "full"]
+    lm_train: LmTrain
 
 
 class TrainConfig(_Section):

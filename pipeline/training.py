@@ -25,7 +25,7 @@ from pipeline.data import ImageRecord
 from pipeline.devices import Precision, autocast, feature_budget, precision
 from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore
-from pipeline.models.base import CaptionModel
+from pipeline.models.base import CaptionModel, trainable
 
 
 def seed_everything(seed: int) -> None:
@@ -122,7 +122,7 @@ class Optimisation:
         cls, model: CaptionModel, settings: TrainSettings, steps: int, device: torch.device
     ) -> Optimisation:
         """AdamW over what is trained, linear warm-up then decay over `steps`, precision from the policy."""
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.AdamW(trainable(model), lr=settings.lr, weight_decay=settings.weight_decay)
         policy = precision(device)
         return cls(
             optimizer, get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, steps),
@@ -141,7 +141,7 @@ class Optimisation:
         self.scaler.scale(loss).backward()
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable(model), self.grad_clip)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # skipped where fp16 gradients overflowed
         self.scaler.update()

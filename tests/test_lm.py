@@ -38,7 +38,7 @@ def invoke(*args: str):
 
 def use_lm(project, directory, stop=".") -> None:
     params = load_config(project / "params.yaml").model_dump()
-    params["lm"] = {"name": str(directory), "stop": stop}
+    params["lm"].update(name=str(directory), stop=stop)
     (project / "params.yaml").write_text(dump_config(params))
 
 

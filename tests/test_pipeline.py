@@ -64,8 +64,13 @@ def test_one_models_training_params_rerun_only_its_branch(demo_copy, model):
 
 def test_outputs_record_what_produced_them(demo):
     model_config = json.loads((demo / "artifacts/models/viclipcap/config.json").read_text())
-    assert model_config["lm"] == {"name": "models/lm", "stop": "."}
+    assert model_config["lm"] == load_config(demo / "params.yaml").lm.model_dump()
+    assert model_config["lm"]["name"] == "models/lm" and model_config["lm"]["train"] == "frozen"
     assert model_config["lm_fingerprint"]["stop"] == "." and model_config["precision"]
+    published = demo / "artifacts/models/viclipcap_published"  # its LM trained: full, saved beside the mapper
+    recorded = json.loads((published / "config.json").read_text())
+    assert recorded["lm"]["train"] == "full" and recorded["lm_fingerprint"]["weights"].startswith("sha256:")
+    assert {p.name for p in published.glob("*.safetensors")} == {"mapper.safetensors", "lm.safetensors"}
     assert model_config["encoder"]["model"] == "viclip-tiny-vit"
     assert model_config["encoder"]["pretrained"].startswith("sha256:")
     assert model_config["mapper"]["type"] == "transformer"

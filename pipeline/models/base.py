@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from pipeline.config import Config
@@ -77,20 +77,28 @@ class Family:
     view: Callable[[Config], Config] = lambda config: config
 
 
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """What training changes: parameters can be frozen (a LoRA-adapted LM's own weights)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def trainable_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return sum(p.numel() for p in trainable(module))
 
 
 def save_weights(module: nn.Module, path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
+    """`module`'s state dict; a tensor held under two names (GPT-2's tied input and output embeddings,
+    which safetensors' plain `save_file` refuses) is written once."""
+    save_model(module, str(path))
 
 
-def load_weights(module: nn.Module, path: Path) -> None:
-    """Load `path` into `module`, refusing weights of another shape in one line."""
+def load_weights(module: nn.Module, path: Path, load: Callable[[nn.Module, str], object] = load_model) -> None:
+    """Load `path` into `module` with `load` (by default what `save_weights` wrote, the tied names
+    re-joined), refusing weights of another shape in one line. `load` raises RuntimeError on a mismatch."""
     if not path.is_file():
         raise ViclipError(f"{path}: weights missing")
     try:
-        module.load_state_dict(load_file(str(path)))
+        load(module, str(path))
     except RuntimeError as error:
         raise ViclipError(
             f"{path}: weights do not fit the model in config.json ({str(error).splitlines()[-1].strip()})"

@@ -1,6 +1,7 @@
-"""ViCLIPCap: a trained mapping network in front of a frozen LM (prefix tuning, after ClipCap).
+"""ViCLIPCap: a trained mapping network in front of an LM, frozen by default (prefix tuning, after ClipCap).
 
-Its model directory holds `mapper.safetensors`, the mapper's weights, and nothing of the LM.
+Its model directory holds `mapper.safetensors`, the mapper's weights, and of the LM what was trained
+(lm.train): nothing when frozen, `lm_lora.safetensors` (the adapters) or `lm.safetensors` (every weight).
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ class Captioner(CaptionModel):
     def __init__(self, mapper: nn.Module, lm: LanguageModel, retrieval: Retrieval | None = None):
         super().__init__()
         self.mapper = mapper
-        # A plain dataclass, not a submodule: the LM is not ours to train or save,
-        # so parameters() and state_dict() see the mapper alone.
+        # A plain dataclass, not a submodule: a frozen LM is not ours to train or save,
+        # so parameters() and state_dict() see the mapper alone, and train() leaves it in eval mode.
         self.lm = lm
+        if lm.train != "frozen":
+            # A trained one is a submodule: parameters() (what the optimiser gets, its frozen base weights
+            # with requires_grad off), train()/eval() (its dropout), state_dict() (the resume checkpoint)
+            # and DistributedDataParallel see it.
+            self.trained_lm = lm.model
         self.retrieval = retrieval  # viclipcap_rag: a prompt of retrieved captions after the prefix
         self.stop_id = lm.stop_id
         self.banned_ids = lm.banned_ids
@@ -147,11 +153,13 @@ class Captioner(CaptionModel):
 
     def save(self, directory: Path) -> None:
         save_weights(self.mapper, directory / WEIGHTS)
+        self.lm.save(directory)
         if self.retrieval is not None:
             self.retrieval.datastore.save(directory)
 
     def restore(self, directory: Path) -> None:
         load_weights(self.mapper, directory / WEIGHTS)
+        self.lm.restore(directory)
 
 
 def _positions(attention: torch.Tensor) -> torch.Tensor:
@@ -160,7 +168,7 @@ def _positions(attention: torch.Tensor) -> torch.Tensor:
 
 
 def build(config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any], device: torch.device) -> Captioner:
-    """A fresh mapper sized from the stored embeddings and the LM, in front of the frozen LM; with
+    """A fresh mapper sized from the stored embeddings and the LM, in front of the LM as lm.train sets it up; with
     `config.retrieval`, the training split's store and captions as the datastore."""
     retrieval = None
     if config.retrieval is not None:
@@ -177,7 +185,7 @@ def rebuild(model_dir: Path, sections: dict[str, BaseModel | None], encoder: dic
 
 def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval | None, encoder: dict[str, Any],
               device: torch.device) -> Captioner:
-    lm = load_lm(lm_settings.name, lm_settings.stop, device)
+    lm = load_lm(lm_settings.name, lm_settings.stop, device, lm_settings.train, lm_settings.lora)
     return Captioner(build_mapper(mapper, encoder["embedding_dim"], lm.width).to(device), lm, retrieval)
 
 

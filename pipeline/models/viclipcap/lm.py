@@ -1,4 +1,4 @@
-"""The frozen Vietnamese GPT-2 and its tokenizer, whichever convention the checkpoint follows.
+"""The Vietnamese GPT-2 and its tokenizer, whichever convention the checkpoint follows; frozen, or trained.
 
 Two conventions are in circulation (FACTS.md): gpt2news-style (`<s> <pad> </s>`,
 pad is not id 0, tokenizer.json only) and NlpHUST-style (`<|endoftext|>` only,
@@ -10,22 +10,33 @@ predicts at a sentence end, or (null) the LM's end-of-text token. A news LM
 pre-trained the standard way (documents concatenated into one stream) never had
 end-of-text as a target, and a frozen LM steered by a short prefix cannot learn
 to emit a token it never predicts: its captions would never stop.
+
+What training does to the LM is `lm.train`: nothing (frozen, ClipCap's frozen-LM setup), low-rank
+adapters on its attention (lora), or every weight (full). A trained LM's part of the model directory is
+what was trained (`save`): nothing, the adapters, or the whole LM; it only makes sense on top of the
+base weights it was trained from, so their digest is part of the fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import NewGELUActivation
 
+from pipeline.config import LmTrain, LoraSettings
 from pipeline.errors import ViclipError
+from pipeline.models.base import load_weights, save_weights
 
 END_OF_TEXT_CANDIDATES = ("</s>", "<|endoftext|>")
 # Any caption's last syllable: what the stop text follows when the tokenizer meets it.
@@ -34,6 +45,10 @@ CAPTION_END = "một"
 # version), nor defaults that another transformers version may fill in differently.
 ARCHITECTURE = ("model_type", "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
                 "num_attention_heads", "tie_word_embeddings")
+# LoRA's targets: GPT-2's attention projection, query, key and value in one matrix (LoraSettings says why).
+LORA_TARGETS = ["c_attn"]
+# What a trained LM adds to the model directory, by lm.train.
+TRAINED_WEIGHTS = {"full": "lm.safetensors", "lora": "lm_lora.safetensors"}
 
 
 @dataclass
@@ -44,6 +59,12 @@ class LanguageModel:
     stop_text: str | None  # lm.stop: the text that ends a caption; None: the end-of-text token
     stop_id: int  # the one token that ends a caption
     banned_ids: tuple[int, ...]  # embedding rows that can never be a caption's token
+    train: LmTrain = "frozen"  # lm.train
+    # Digest of the weights as loaded, before any training: what trained LM weights sit on. None when frozen.
+    base_weights: str | None = None
+    # lora: peft's wrapper around `model`. The adapters live inside `model` itself (peft swaps each target
+    # layer for one that adds its adapter), so `model` is what runs; the wrapper names the adapters' weights.
+    adapters: PeftModel | None = None
 
     @property
     def width(self) -> int:
@@ -83,12 +104,60 @@ class LanguageModel:
             "width": self.width,
             "stop": self.stop_text,
             "stop_id": self.stop_id,
+            # A trained LM's weights are a change to these ones (absent when frozen: as older directories).
+            **({"weights": self.base_weights} if self.base_weights is not None else {}),
         }
+
+    def save(self, directory: Path) -> None:
+        """What training changed into `directory`: nothing when frozen, the adapters, or the whole LM."""
+        if self.train == "full":
+            save_weights(self.model, directory / TRAINED_WEIGHTS["full"])
+        elif self.train == "lora":
+            # peft's adapter keys: the layer names with the adapter's name taken out.
+            save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.adapters).items()},
+                      str(directory / TRAINED_WEIGHTS["lora"]))
+
+    def restore(self, directory: Path) -> None:
+        """Load what `save` wrote into `directory` onto the base LM."""
+        if self.train == "full":
+            load_weights(self.model, directory / TRAINED_WEIGHTS["full"])
+        elif self.train == "lora":
+            load_weights(self.adapters, directory / TRAINED_WEIGHTS["lora"], _load_adapters)
 
 
 def _digest(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every parameter (name, shape, dtype, bytes), in name order; a tied tensor once.
+    Parameters, not the state dict: buffers come and go with transformers versions, weights do not."""
+    digest = hashlib.sha256()
+    for name, weight in sorted(model.named_parameters()):
+        digest.update(f"{name} {tuple(weight.shape)} {weight.dtype}\n".encode())
+        digest.update(weight.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
+
+
+def _load_adapters(adapters: PeftModel, path: str) -> None:
+    """peft's `set_peft_model_state_dict`, made strict: by itself it loads what matches and says nothing."""
+    state, expected = load_file(path), get_peft_model_state_dict(adapters)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise RuntimeError(f"adapters missing: {missing[:3]}, unexpected: {unexpected[:3]}")
+    set_peft_model_state_dict(adapters, state)  # a shape mismatch raises RuntimeError
+
+
+def add_adapters(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
+    """LoRA adapters on `model`'s attention, in place; its own weights stay frozen, the adapters train."""
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=LORA_TARGETS,
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores its weight transposed, (in, out)
+    )
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 for a renamed attribute
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _end_of_text_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int | None:
@@ -138,9 +207,12 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_lm(name: str, stop: str | None, device: torch.device) -> LanguageModel:
-    """Load in fp32 whatever dtype the checkpoint was saved in, fuse its activations, and freeze: no
-    gradients, eval mode."""
+def load_lm(
+    name: str, stop: str | None, device: torch.device, train: LmTrain = "frozen", lora: LoraSettings | None = None,
+) -> LanguageModel:
+    """Load in fp32 whatever dtype the checkpoint was saved in, fuse its activations, and set it up for
+    `train` (lm.train): frozen, no gradients; full, every weight trainable; lora, `lora`'s adapters
+    trainable and the rest frozen. Eval mode: a trained LM is put in training mode with its captioner."""
     hf_logging.disable_progress_bar()  # one summary line per stage, not a bar per weight file
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -159,5 +231,9 @@ def load_lm(name: str, stop: str | None, device: torch.device) -> LanguageModel:
             raise ViclipError(f"lm.name {name}: the tokenizer has no end-of-text token; set lm.stop to a text such as \".\"")
     else:
         stop_id = _stop_id(name, tokenizer, stop, rows)
-    fuse_activations(model).requires_grad_(False).eval().to(device)
-    return LanguageModel(name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id))
+    base_weights = None if train == "frozen" else weights_digest(model)
+    fuse_activations(model).requires_grad_(train == "full").eval().to(device)
+    adapters = add_adapters(model, lora) if train == "lora" else None
+    return LanguageModel(
+        name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id), train, base_weights, adapters,
+    )
