@@ -60,7 +60,8 @@ class Datastore:
         if missing:
             raise ViclipError(f"{store.path}: image id {missing[0]} has no captions in the train split")
         embeddings = torch.from_numpy(np.asarray(store.embeddings, dtype=np.float32))
-        source = {"split": "train", "images": len(ids), "store": store.identity()}
+        # As config.json will hold it (JSON types), so a rebuilt datastore's record compares equal.
+        source = json.loads(json.dumps({"split": "train", "images": len(ids), "store": store.identity()}))
         return cls(_unit(embeddings).to(device), ids, [by_id[i].captions[0] for i in ids], source)
 
     def nearest(self, embeddings: torch.Tensor, k: int) -> torch.Tensor:

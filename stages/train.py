@@ -26,7 +26,7 @@ from pipeline.encoders import encoder_attrs
 from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore, open_store
 from pipeline.io import atomic_path, write_json, write_text
-from pipeline.models import CONFIG, family, read_spec, spec_for
+from pipeline.models import CONFIG, check_record, family, read_spec, spec_for
 from pipeline.models.base import trainable_parameters
 from pipeline.scst import ImageSet, SelfCritical
 from pipeline.training import CaptionSet, CrossEntropy, Optimisation, seed_everything
@@ -57,6 +57,7 @@ def _start_from(config: Config, model: torch.nn.Module, name: str, encoder: dict
     if spec.encoder != encoder or differ:
         what = ", ".join(differ) or "its feature store"
         raise ViclipError(f"{directory}: trained under other settings ({what}); run `viclip train --model {name}` first")
+    check_record(model, spec, directory)
     model.restore(directory)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(directory.glob("*.safetensors")))).hexdigest()
     return {"model": name, "weights": f"sha256:{digest}", **{k: spec.extra.get(k) for k in ("val_loss", "best_epoch")}}
@@ -69,7 +70,7 @@ def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run(config: Config, model_name: str = paths.MODEL) -> str:
     started = time.perf_counter()
     recipe = family(model_name)
-    config = recipe.view(config)  # the params as this model reads them (a variant's own settings in place)
+    params, config = config, recipe.view(config)  # as params.yaml says, and as this model reads them
     settings = getattr(config.train, model_name)
     seed_everything(config.train.seed)
     device = best_device()
@@ -170,7 +171,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
             model_dir.mkdir()
             model.save(model_dir)
             write_json(model_dir / CONFIG, spec.to_json())
-            write_text(model_dir / "params.yaml", dump_config(config))
+            write_text(model_dir / "params.yaml", dump_config(params))
         resume_path.unlink(missing_ok=True)
 
     stopped = f", stopped early at epoch {epoch}" if epoch < settings.epochs else ""

@@ -111,4 +111,4 @@ def test_registries_find_every_leaf():
     from pipeline.models import REGISTRY as models
     from pipeline.paths import ENCODERS, MODELS
 
-    assert set(encoders) == set(ENCODERS) and set(models) == set(MODELS)
+    assert set(encoders) == set(ENCODERS.values()) and set(models) == set(MODELS)

@@ -171,7 +171,7 @@ def test_an_lm_that_does_not_match_the_model_directory_is_refused(demo, config, 
 
     # The same path now holds another LM (a new download, another revision): another tokenizer.
     shutil.rmtree(local)
-    make_tiny_lm([["một hình vuông màu xanh", "hai hình tròn"]] * 10, local, steps=1)
+    make_tiny_lm([["một hình vuông màu xanh", "hai hình tròn"]] * 40, local, steps=1)  # more text than one 128-token block
     for args in (("score",), ("caption", str(project / "ktvic/public-test-images/100000.jpg"))):
         result = invoke(*args)
         assert result.exit_code == 1 and "Traceback" not in result.output

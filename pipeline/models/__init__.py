@@ -87,7 +87,13 @@ def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionMode
     """Rebuild exactly the model that was trained, whichever it is, in eval mode."""
     spec = read_spec(model_dir)
     model = family(spec.name).rebuild(Path(model_dir), spec.sections, spec.encoder, device)
-    # Checked before the weights: weights that do not fit another LM are a symptom, this is the cause.
+    check_record(model, spec, model_dir)  # before the weights: weights that do not fit another LM are a symptom
+    model.restore(Path(model_dir))
+    return model.eval(), spec
+
+
+def check_record(model: CaptionModel, spec: ModelSpec, model_dir: str | Path) -> None:
+    """Refuse, in one line, a model directory whose recorded LM (or datastore) is not what `model` was built with."""
     for key, now in model.record().items():
         then = spec.extra.get(key) or {}
         differ = [k for k in sorted({*then, *now}) if then.get(k) != now.get(k)]
@@ -97,5 +103,3 @@ def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionMode
                 + "; ".join(f"{k} was {then.get(k)!r}, now {now.get(k)!r}" for k in differ)
                 + ". Train again, or load the one it was trained against"
             )
-    model.restore(Path(model_dir))
-    return model.eval(), spec

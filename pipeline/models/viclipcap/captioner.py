@@ -119,7 +119,7 @@ class Captioner(CaptionModel):
         if not any(p.requires_grad for p in head.parameters()):
             hidden = self.lm.model.base_model(inputs_embeds=inputs, **where).last_hidden_state
             return frozen_head_cross_entropy(hidden[:, context.shape[1] - 1 : -1][mask], head, tokens[mask],
-                                             None if weights is None else weights[:, None].expand_as(mask)[mask])
+                                             weights=None if weights is None else weights[:, None].expand_as(mask)[mask])
         logits = self.lm.model(inputs_embeds=inputs, logits_to_keep=tokens.shape[1] + 1, **where).logits[:, :-1]  # (B, T, V)
         labels = tokens.masked_fill(~mask, IGNORE)
         if weights is None:

@@ -14,8 +14,8 @@ from torch import nn
 CHUNK = 256  # positions a chunk: 256 × 50,257 fp32 logits are 51 MB
 
 
-def frozen_head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                              weights: torch.Tensor | None = None, chunk: int = CHUNK) -> torch.Tensor:
+def frozen_head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = CHUNK,
+                              weights: torch.Tensor | None = None) -> torch.Tensor:
     """F.cross_entropy(head(hidden).float(), targets), for a head that gets no gradient; with `weights` (n,),
     each position's term is weighted: (F.cross_entropy(..., reduction="none") * weights).mean().
 
