@@ -55,9 +55,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "viclipcap_published": {"mapper": {"prefix_length": 4}},
     "train": {
         "viclipcap": {"epochs": 20, "patience": 20, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
-        "viclipcap_rag": {"epochs": 20, "patience": 20, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
+        "viclipcap_rag": {"epochs": 10, "patience": 10, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 50},
         "viclipcap_scst": {"epochs": 3, "patience": 3, "batch_size": 32, "lr": 3.0e-4, "max_length": 24},
-        "viclipcap_published": {"epochs": 10, "patience": 10, "batch_size": 32, "lr": 1.0e-3, "warmup_steps": 50},
+        "viclipcap_published": {"epochs": 6, "patience": 6, "batch_size": 32, "lr": 1.0e-3, "warmup_steps": 50},
         "cnn_lstm": {"epochs": 12, "patience": 3, "batch_size": 32, "lr": 3.0e-3},
     },
     "score": {"beam_size": 3, "max_length": 24},
