@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -16,11 +17,11 @@ from typing import get_args
 
 import torch
 
-from benchmarks.suite import SCALING
+from benchmarks.suite import SCALING, VARIANTS, VariantSize
 from pipeline.devices import Precision, best_device, hardware, precision
 from pipeline.io import write_json
 
-STAGES = ("extract", "train", "decode", "score", "scaling", "processes", "streaming", "serve")
+STAGES = ("extract", "train", "decode", "score", "scaling", "processes", "streaming", "serve", "variants")
 STREAMED_IMAGES = 2_000  # CNN grids in the streaming case: 400 MB of float16, which fits this machine
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (FLOP/s), by device name.
 BF16_PEAKS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
@@ -160,6 +161,41 @@ def serve(demo: Path) -> list[dict]:
     return rows
 
 
+# SCST's step by part: the two the case times, and what is left of the step.
+SCST_PARTS = {"sample": "sampling (KV cache)", "reward": "rewards (CiderD.scores)",
+              "rest": "samples to text, weighted loss, backward, optimiser"}
+
+
+def variants(size: VariantSize = VariantSize()) -> list[dict]:
+    """A training step of each of ViCLIPCap's variants (suite.variant; the median of the case's steps)
+    against viclipcap's cross-entropy step in the same run (`reference`; `cost`: how many of its seconds the
+    step takes). SCST's step also by part, each with its `share` of the step."""
+    cases = {model: run_case("variant", model, *size.args()) for model in VARIANTS}
+    reference = statistics.median(cases[VARIANTS[0]]["seconds"]["step"])
+    rows = []
+    for model, case in cases.items():
+        laps = case["seconds"]
+        step = statistics.median(laps["step"])
+        rows.append(row("variants", f"{model}: training step, {_batch(case)}", "s", step, reference,
+                        cost=step / reference, peak_mb=case["peak_mb"], optimizer_mb=case["optimizer_mb"],
+                        trained_parameters=case["trained_parameters"], steps=len(laps["step"])))
+        if "sampled" in case:
+            laps["rest"] = [s - a - b for s, a, b in zip(laps["step"], laps["sample"], laps["reward"])]
+            rows += [row("variants", f"{model}: of which {label}", "s", statistics.median(laps[part]), step,
+                         share=statistics.median(t / s for t, s in zip(laps[part], laps["step"])))
+                     for part, label in SCST_PARTS.items()]
+    return rows
+
+
+def _batch(case: dict) -> str:
+    """What a variant case's step processed."""
+    if "sampled" not in case:
+        return f"{case['captions']} captions, {statistics.mean(case['positions']) / case['captions']:.0f} LM positions each"
+    longest = max(s["longest"] for s in case["sampled"])
+    mean = statistics.mean(s["mean"] for s in case["sampled"])
+    return f"{case['images']} images x {case['samples']} samples of {longest} tokens (mean {mean:.1f})"
+
+
 def run_load(*args: str) -> dict:
     """One load case (benchmarks/load.py) in a process of its own, its server in another; every request answered."""
     case = run_case(*args, module="benchmarks.load")
@@ -185,7 +221,7 @@ def main() -> None:
     device = best_device()
     runs = {"extract": extract, "train": lambda: train(device), "decode": decode, "score": score,
             "scaling": scaling, "processes": processes, "streaming": streaming,
-            "serve": lambda: serve(args.demo.resolve())}
+            "serve": lambda: serve(args.demo.resolve()), "variants": variants}
     started = time.perf_counter()
     machine = {
         "date": datetime.date.today().isoformat(),

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.case STAGE IMPL [IMAGES]`: run one benchmark case in this process; print its JSON."""
+"""`python -m benchmarks.case STAGE IMPL [SIZES]`: run one benchmark case in this process; print its JSON."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ from pipeline import distributed
 from pipeline.devices import best_device
 
 
+def run(stage: str, impl: str, *sizes: str) -> dict:
+    """One case in this process: what its work measured (seconds, peak memory) and what the work processed
+    (the case's own figures, some filled in by the work)."""
+    device = best_device()
+    work, counts = CASES[stage](device, impl, *(int(n) for n in sizes))
+    return {**measure(work, device), **counts}
+
+
 def main() -> None:
     """Under torchrun (the processes cases) every rank runs the case and the main rank prints."""
-    stage, impl, *images = sys.argv[1:]
+    stage, impl, *sizes = sys.argv[1:]
     with distributed.session():
-        device = best_device()
-        work, counts = CASES[stage](device, impl, *(int(n) for n in images))
-        result = {**measure(work, device), **counts}
+        result = run(stage, impl, *sizes)
         if distributed.is_main():
             print(json.dumps(result))
 

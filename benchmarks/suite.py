@@ -1,4 +1,5 @@
-"""Each benchmark case: one stage, done by viclip or by the reference (reference.py), at full model size.
+"""Each benchmark case: one stage, done by viclip or by the reference (reference.py), at full model size;
+the variant case's IMPL is instead the ViCLIPCap variant (a model name) whose training step it times.
 
 A case runs in a process of its own (`python -m benchmarks.case STAGE IMPL`), so
 its peak memory is its own: the allocator has cached nothing from another
@@ -9,27 +10,39 @@ Sizes depend on the device: a CPU gets a few batches, a GPU a KTVIC-sized run.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import reference, workload
-from pipeline import distributed
+from benchmarks.cider import corpus
+from pipeline import distributed, scst
+from pipeline.cider import CiderD
 from pipeline.data import ImageRecord
 from pipeline.decoding import beam_search
 from pipeline.encoders import encode_files
 from pipeline.features import FeatureStore, open_store, write_store
 from pipeline.models import cnn_lstm
 from pipeline.metrics import score_captions
-from pipeline.config import TrainSettings
+from pipeline.config import ScstSettings, TrainSettings
 from pipeline.devices import FEATURE_BUDGET, autocast
+from pipeline.models import family
+from pipeline.models.base import trainable_parameters
+from pipeline.models.viclipcap import Captioner
+from pipeline.models.viclipcap.mapper import build_mapper
+from pipeline.retrieval import Retrieval
 from pipeline.training import CaptionSet, Optimisation, train_epoch
 
 # (viclip, reference) workload sizes, in images, per device type.
@@ -61,9 +74,12 @@ def extract(device: torch.device, impl: str) -> Case:
     return (lambda: reference.extract(encoder, files, workload.CAPTIONS_PER_IMAGE, device)), {"images": count}
 
 
-def caption_set(captions: workload.Captions, captioner, device: torch.device) -> CaptionSet:
+def caption_set(captions: workload.Captions, captioner, device: torch.device,
+                records: list[ImageRecord] | None = None) -> CaptionSet:
+    """The captions of `records` (default: all), each image's embedding in the store."""
     store = FeatureStore(Path("synthetic"), np.arange(len(captions.records)), {}, rows=captions.embeddings)
-    return CaptionSet.build(captions.records, store, captions.encode, captioner.max_tokens, device)
+    return CaptionSet.build(captions.records if records is None else records, store, captions.encode,
+                            captioner.max_tokens, device)
 
 
 def _optimisation(captioner, data: CaptionSet) -> Optimisation:
@@ -241,8 +257,128 @@ def _megabytes(data: CaptionSet) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+VARIANTS = ("viclipcap", "viclipcap_rag", "viclipcap_scst")  # models of pipeline.paths.MODELS; the first: the reference
+
+
+@dataclass(frozen=True)
+class VariantSize:
+    """A variant case's size: KTVIC's at GPT-2 small's shape by default; a test runs a tiny one."""
+
+    steps: int = 3  # timed steps, after one of warm-up
+    corpus: int = workload.TRAIN_IMAGES  # training images: the retrieval datastore and the CIDEr-D corpus
+    layers: int = 12  # the LM's blocks
+    width: int = 768  # the LM's width (and the mapper's output)
+    batch: int | None = None  # captions a cross-entropy step, images an SCST step; None: train.<model>.batch_size
+
+    def args(self) -> list[str]:
+        """The case's arguments (`python -m benchmarks.case variant MODEL ARGS`)."""
+        return [str(n) for n in astuple(self) if n is not None]
+
+
+class Stopwatch:
+    """Seconds spent inside wrapped functions, by name, a list entry per timed step (calls before the first
+    `lap` are not counted: the warm-up)."""
+
+    def __init__(self, device: torch.device, names: tuple[str, ...]):
+        self.device = device
+        self.seconds: dict[str, list[float]] = {name: [] for name in names}
+
+    def lap(self) -> None:
+        for laps in self.seconds.values():
+            laps.append(0.0)
+
+    def wrap(self, name: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            self._synchronize()
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            self._synchronize()
+            if self.seconds[name]:
+                self.seconds[name][-1] += time.perf_counter() - start
+            return result
+
+        return timed
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def variant(device: torch.device, impl: str, steps: int, corpus_images: int, layers: int, width: int,
+            batch: int | None = None) -> Case:
+    """Training steps of ViCLIPCap's variant `impl` (one of VARIANTS): its view of params.yaml (mapper,
+    retrieval, what of the LM trains) and its train settings, in front of a random-weight GPT-2 of `layers`
+    blocks `width` wide, on a synthetic training split of `corpus_images` images (the retrieval datastore, SCST's CIDEr-D
+    corpus). One warm-up step, then `steps` steps, each its objective's own epoch code run on one batch. The
+    work fills in each step's seconds (`seconds`: `step`, and SCST's `sample` and `reward`) and the size of
+    the optimiser's state."""
+    config = workload.params()
+    view = family(impl).view(config)
+    settings = getattr(config.train, impl)
+    if batch is not None:
+        settings = settings.model_copy(update={"batch_size": batch})
+    captions = workload.captions(corpus_images)  # caption token ids, and unit image embeddings
+    references = corpus(corpus_images)  # syllable text, five an image: the datastore's captions, SCST's references
+    retrieval = Retrieval(workload.datastore(captions.embeddings, [r[0] for r in references], device), config.retrieval)
+    texts = [retrieval.prompt(r[: retrieval.settings.k]) for r in references[:1000]]
+    lm = workload.language_model(device, tokenizer=workload.tokenizer(texts), layers=layers, width=width)
+    torch.manual_seed(0)
+    mapper = build_mapper(view.mapper, captions.embeddings.shape[1], lm.width).to(device)
+    captioner = Captioner(mapper, lm, retrieval if view.retrieval is not None else None)
+
+    watch = Stopwatch(device, ("step", "sample", "reward"))
+    figures: dict[str, Any] = {"seconds": watch.seconds, "trained_parameters": trainable_parameters(captioner)}
+    optimisation = Optimisation.build(captioner, settings, steps + 1, device)
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(settings, ScstSettings):
+        images = scst.ImageSet(torch.from_numpy(captions.embeddings[: settings.batch_size]).to(device),
+                               CiderD(references))  # the split's first images, rows of a corpus of them all
+        images.cider.scores = watch.wrap("reward", images.cider.scores)
+        step = lambda n: scst.scst_epoch(captioner, captioner, images, settings, optimisation, generator, impl)  # noqa: E731
+        figures.update(images=len(images), samples=settings.samples, max_length=settings.max_length, sampled=[])
+        # scst_epoch finds `sample` in its module: timed there while the timed steps run.
+        timing = mock.patch.object(scst, "sample", watch.wrap("sample", _recording(scst.sample, figures["sampled"])))
+    else:
+        per_step = max(settings.batch_size // workload.CAPTIONS_PER_IMAGE, 1)  # images
+        batches = [caption_set(captions, captioner, device, captions.records[n * per_step: (n + 1) * per_step])
+                   for n in range(steps + 1)]
+        step = lambda n: train_epoch(captioner, batches[n], len(batches[n]), optimisation, generator, impl)  # noqa: E731
+        figures.update(captions=len(batches[0]), positions=[_positions(captioner, b) for b in batches[1:]])
+        timing = contextlib.nullcontext()
+    step = watch.wrap("step", step)
+    step(0)  # warm-up
+
+    def work() -> None:
+        with timing:
+            for n in range(1, steps + 1):
+                watch.lap()
+                step(n)
+        figures["optimizer_mb"] = sum(t.numel() * t.element_size() for state in optimisation.optimizer.state.values()
+                                      for t in state.values() if torch.is_tensor(t)) / 2**20
+
+    return work, figures
+
+
+def _recording(sample: Callable, sampled: list[dict]) -> Callable:
+    """`scst.sample`, noting each call's sampled tokens: the longest, and the mean (the stop included)."""
+    def recorded(*args, **kwargs):
+        tokens, lengths = sample(*args, **kwargs)
+        sampled.append({"longest": tokens.shape[1], "mean": float(lengths.float().mean())})
+        return tokens, lengths
+
+    return recorded
+
+
+@torch.no_grad()
+def _positions(captioner: Captioner, batch: CaptionSet) -> int:
+    """The LM positions a step on `batch` runs: each caption's context (prefix, prompt) and its tokens, padded."""
+    features = batch.rows(torch.arange(len(batch), device=batch.tokens.device))
+    return len(batch) * (captioner.context(features)[0].shape[1] + int(batch.lengths.max()))
+
+
 CASES: dict[str, Callable[..., Case]] = {
     "extract": extract, "train": train, "decode": decode, "score": score,
     "scaling_train": scaling_train, "scaling_decode": scaling_decode, "processes": processes,
-    "all_reduce": all_reduce, "streamed_train": streamed_train,
+    "all_reduce": all_reduce, "streamed_train": streamed_train, "variant": variant,
 }

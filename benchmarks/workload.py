@@ -5,7 +5,9 @@ size, randomly initialised: open_clip's ViT-B-32, a GPT-2 of GPT-2-small shape
 (124M parameters, 50,257-token vocabulary) and the default mapper from
 params.yaml. Captions are token-id sequences as long as KTVIC's (15 to 25
 syllables, about 1.25 byte-level BPE tokens per Vietnamese syllable), five per
-image; images are JPEG files of KTVIC's typical size.
+image; images are JPEG files of KTVIC's typical size. Where text must be
+written or read (retrieval prompts, SCST's sampled captions), a byte-level BPE
+tokenizer trained on synthetic Vietnamese captions splits them at that rate.
 """
 
 from __future__ import annotations
@@ -17,18 +19,26 @@ import numpy as np
 import torch
 from PIL import Image
 
+from transformers import PreTrainedTokenizerFast
+
 from pipeline.models.viclipcap import Captioner
 from pipeline.encoders.base import encoding_precision
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.config import load_config
 from pipeline.data import ImageRecord
-from pipeline.models.viclipcap.lm import LanguageModel, fuse_activations
+from pipeline.demo.tiny import train_tokenizer
+from pipeline.models.viclipcap.lm import LanguageModel, _banned_ids, _stop_id, fuse_activations
 from pipeline.models.viclipcap.mapper import build_mapper
+from pipeline.retrieval import Datastore
 
 CAPTIONS_PER_IMAGE = 5
 TEST_IMAGES = 558  # KTVIC's test split
 IMAGE_SIZE = (640, 480)
 TOKENS = (19, 32)  # caption length in BPE tokens, the stop included: 15-25 syllables
+TRAIN_IMAGES = 3_769  # KTVIC's train split: the retrieval datastore, and the CIDEr-D corpus of SCST's rewards
+# Entries of the tokenizer trained on synthetic retrieval prompts (tokenizer()): at 460 it splits them at
+# 1.25 tokens a syllable, as the Vietnamese GPT-2's tokenizer splits KTVIC's captions.
+TOKENIZER_ENTRIES = 460
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -46,19 +56,35 @@ def clip_encoder(device: torch.device) -> ClipEncoder:
     return ClipEncoder(model.requires_grad_(False).eval(), preprocess, config.normalize, encoding_precision(device))
 
 
-def language_model(device: torch.device, impl: str = "viclip") -> LanguageModel:
-    """GPT-2 small's shape (124M parameters), frozen as the pipeline freezes it; viclip's with its
-    activations fused as `load_lm` fuses them, the reference's as Hugging Face builds it."""
+def language_model(device: torch.device, impl: str = "viclip", tokenizer: PreTrainedTokenizerFast | None = None,
+                   layers: int = 12, width: int = 768) -> LanguageModel:
+    """GPT-2 small's shape (124M parameters; a test's may have fewer blocks or a narrower width, one head
+    each 64 wide), frozen as the pipeline freezes it; viclip's with its activations fused as `load_lm` fuses
+    them, the reference's as Hugging Face builds it.
+
+    Without a tokenizer, random weights never stop (the worst case): the stop is end-of-text, and no token is
+    banned. With one (prompts to write, samples to read), the stop is `lm.stop` and rows no entry of the
+    tokenizer maps to are banned, as `load_lm` does: random weights draw the stop about once in
+    TOKENIZER_ENTRIES tokens."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config())
+    model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=max(width // 64, 1)))
     if impl == "viclip":
         fuse_activations(model)
     model.requires_grad_(False).eval().to(device)
-    # Random weights never stop (the worst case): the stop is end-of-text, and no token is banned.
-    return LanguageModel("gpt2-small-shape", model, tokenizer=None, stop_text=None,
-                         stop_id=model.config.eos_token_id, banned_ids=())
+    name, rows = "gpt2-small-shape", model.get_input_embeddings().num_embeddings
+    if tokenizer is None:
+        return LanguageModel(name, model, tokenizer=None, stop_text=None, stop_id=model.config.eos_token_id,
+                             banned_ids=())
+    stop = params().lm.stop
+    stop_id = _stop_id(name, tokenizer, stop, rows)
+    return LanguageModel(name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id))
+
+
+def tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of TOKENIZER_ENTRIES entries trained on `texts` (synthetic Vietnamese)."""
+    return train_tokenizer(texts, vocab_size=TOKENIZER_ENTRIES)
 
 
 def captioner(device: torch.device, impl: str = "viclip") -> Captioner:
@@ -110,3 +136,9 @@ def captions(images: int, vocab: int = 50257, eos: int = 50256, seed: int = 0) -
     embeddings = rng.standard_normal((images, 512)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     return Captions(records, embeddings, tokens)
+
+
+def datastore(embeddings: np.ndarray, captions: list[str], device: torch.device) -> Datastore:
+    """A retrieval datastore of these images' embeddings (N, D), each lending its caption to prompts."""
+    source = {"split": "train", "images": len(captions), "store": "synthetic"}
+    return Datastore(torch.from_numpy(embeddings).to(device), list(range(len(captions))), captions, source)

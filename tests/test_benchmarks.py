@@ -109,3 +109,19 @@ def test_the_streaming_case_trains_the_baseline_from_disk_or_from_memory(monkeyp
         work, counts = suite.streamed_train(torch.device("cpu"), impl, 12, steps=1)
         work()
         assert counts["streamed"] is streamed and counts["images"] == 12
+
+
+def test_the_variants_stage_measures_each_variant_against_the_cross_entropy_step(monkeypatch):
+    """At a tiny size, each case in this process (their subprocess path is the benchmark command's)."""
+    from benchmarks import __main__ as command, case
+    from benchmarks.suite import VARIANTS, VariantSize
+
+    monkeypatch.setattr(command, "run_case", lambda *args: json.loads(json.dumps(case.run(*args))))
+    rows = command.variants(VariantSize(steps=1, corpus=24, layers=1, width=64, batch=5))
+    steps = [r for r in rows if "training step" in r["measure"]]
+    assert [r["measure"].split(":")[0] for r in steps] == list(VARIANTS)
+    assert all(r["viclip"] > 0 and r["reference"] == steps[0]["viclip"] and r["steps"] == 1 for r in steps)
+    assert steps[0]["cost"] == 1.0 and all(r["peak_mb"] > 0 and r["optimizer_mb"] > 0 for r in steps)
+    parts = [r for r in rows if "of which" in r["measure"]]
+    assert len(parts) == 3 and all(r["viclip"] >= 0 and 0 <= r["share"] <= 1 for r in parts)
+    assert "5 images x 5 samples" in steps[VARIANTS.index("viclipcap_scst")]["measure"]
