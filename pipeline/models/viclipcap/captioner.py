@@ -53,8 +53,7 @@ class Captioner(CaptionModel):
         self.retrieval = retrieval  # viclipcap_rag: a prompt of retrieved captions after the prefix
         self.stop_id = lm.stop_id
         self.banned_ids = lm.banned_ids
-        self.max_prompt = 0 if retrieval is None else len(self._prompt_ids([retrieval.longest(
-            [len(t) for t in self._prompt_ids([" " + c for c in retrieval.datastore.captions])])])[0])
+        self.max_prompt = 0 if retrieval is None else self._longest_prompt(retrieval)
         self.max_tokens = lm.model.config.max_position_embeddings - mapper.prefix_length - self.max_prompt
 
     def record(self) -> dict[str, Any]:
@@ -76,6 +75,11 @@ class Captioner(CaptionModel):
 
     def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
         return self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _longest_prompt(self, retrieval: Retrieval) -> int:
+        """Tokens in the longest prompt the datastore can make: what the LM's context keeps free for it."""
+        lengths = [len(t) for t in self._prompt_ids([" " + c for c in retrieval.datastore.captions])]
+        return len(self._prompt_ids([retrieval.longest(lengths)])[0])
 
     def context(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the LM reads before the caption: (B, P, W) embeddings, and where some rows are shorter, a (B, P)
