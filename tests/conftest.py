@@ -19,6 +19,7 @@ import pytest
 
 from pipeline.config import Config, dump_config, load_config
 from pipeline.demo.synthetic import make_dataset
+from pipeline.paths import MODELS
 
 VICLIP = [sys.executable, "-m", "pipeline.cli"]
 
@@ -56,10 +57,11 @@ def config(demo) -> Config:
 def project(demo, tmp_path, monkeypatch) -> Path:
     """A small project (12 train, 4 test images) using the demo's tiny models, in the working directory."""
     params = load_config(demo / "params.yaml").model_dump()
-    for section, key in (("clip", "pretrained"), ("clip", "config"), ("cnn", "weights"), ("lm", "name")):
+    for section, key in (("clip", "pretrained"), ("clip", "config"), ("clip_published", "pretrained"),
+                         ("clip_published", "config"), ("cnn", "weights"), ("lm", "name")):
         params[section][key] = str(demo / params[section][key])
     params["data"]["root"] = "ktvic"
-    for model in ("viclipcap", "cnn_lstm"):
+    for model in MODELS:
         params["train"][model]["epochs"] = 1
     make_dataset(tmp_path / "ktvic", 12, 4)
     (tmp_path / "params.yaml").write_text(dump_config(params))
