@@ -176,13 +176,14 @@ def variants(size: VariantSize = VariantSize()) -> list[dict]:
     for model, case in cases.items():
         laps = case["seconds"]
         step = statistics.median(laps["step"])
-        rows.append(row("variants", f"{model}: training step, {_batch(case)}", "s", step, reference,
+        name = model.replace(":", ", lm.train ")
+        rows.append(row("variants", f"{name}: training step, {_batch(case)}", "s", step, reference, variant=model,
                         cost=step / reference, peak_mb=case["peak_mb"], optimizer_mb=case["optimizer_mb"],
                         trained_parameters=case["trained_parameters"], steps=len(laps["step"])))
         if "sampled" in case:
             laps["rest"] = [s - a - b for s, a, b in zip(laps["step"], laps["sample"], laps["reward"])]
-            rows += [row("variants", f"{model}: of which {label}", "s", statistics.median(laps[part]), step,
-                         share=statistics.median(t / s for t, s in zip(laps[part], laps["step"])))
+            rows += [row("variants", f"{name}: of which {label}", "s", statistics.median(laps[part]), step,
+                         variant=model, share=statistics.median(t / s for t, s in zip(laps[part], laps["step"])))
                      for part, label in SCST_PARTS.items()]
     return rows
 

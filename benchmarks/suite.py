@@ -1,5 +1,5 @@
 """Each benchmark case: one stage, done by viclip or by the reference (reference.py), at full model size;
-the variant case's IMPL is instead the ViCLIPCap variant (a model name) whose training step it times.
+the variant case's IMPL is instead the ViCLIPCap variant (a model, and what of the LM trains) it times.
 
 A case runs in a process of its own (`python -m benchmarks.case STAGE IMPL`), so
 its peak memory is its own: the allocator has cached nothing from another
@@ -257,7 +257,9 @@ def _megabytes(data: CaptionSet) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-VARIANTS = ("viclipcap", "viclipcap_rag", "viclipcap_scst")  # models of pipeline.paths.MODELS; the first: the reference
+# The variants timed, each MODEL[:LM_TRAIN]: a model of pipeline.paths.MODELS as params.yaml defines it,
+# or with its lm.train replaced. The first, cross-entropy with the LM frozen, is the reference.
+VARIANTS = ("viclipcap", "viclipcap_rag", "viclipcap_scst", "viclipcap:lora", "viclipcap_published")
 
 
 @dataclass(frozen=True)
@@ -307,22 +309,24 @@ class Stopwatch:
 
 def variant(device: torch.device, impl: str, steps: int, corpus_images: int, layers: int, width: int,
             batch: int | None = None) -> Case:
-    """Training steps of ViCLIPCap's variant `impl` (one of VARIANTS): its view of params.yaml (mapper,
-    retrieval, what of the LM trains) and its train settings, in front of a random-weight GPT-2 of `layers`
+    """Training steps of ViCLIPCap's variant `impl` (one of VARIANTS): its model's view of params.yaml
+    (mapper, retrieval, what of the LM trains) and train settings, in front of a random-weight GPT-2 of `layers`
     blocks `width` wide, on a synthetic training split of `corpus_images` images (the retrieval datastore, SCST's CIDEr-D
     corpus). One warm-up step, then `steps` steps, each its objective's own epoch code run on one batch. The
     work fills in each step's seconds (`seconds`: `step`, and SCST's `sample` and `reward`) and the size of
     the optimiser's state."""
+    model, _, lm_train = impl.partition(":")
     config = workload.params()
-    view = family(impl).view(config)
-    settings = getattr(config.train, impl)
+    view = family(model).view(config)
+    settings = getattr(config.train, model)
     if batch is not None:
         settings = settings.model_copy(update={"batch_size": batch})
     captions = workload.captions(corpus_images)  # caption token ids, and unit image embeddings
     references = corpus(corpus_images)  # syllable text, five an image: the datastore's captions, SCST's references
     retrieval = Retrieval(workload.datastore(captions.embeddings, [r[0] for r in references], device), config.retrieval)
     texts = [retrieval.prompt(r[: retrieval.settings.k]) for r in references[:1000]]
-    lm = workload.language_model(device, tokenizer=workload.tokenizer(texts), layers=layers, width=width)
+    lm = workload.language_model(device, tokenizer=workload.tokenizer(texts), layers=layers, width=width,
+                                 train=lm_train or view.lm.train)
     torch.manual_seed(0)
     mapper = build_mapper(view.mapper, captions.embeddings.shape[1], lm.width).to(device)
     captioner = Captioner(mapper, lm, retrieval if view.retrieval is not None else None)
@@ -335,7 +339,7 @@ def variant(device: torch.device, impl: str, steps: int, corpus_images: int, lay
         images = scst.ImageSet(torch.from_numpy(captions.embeddings[: settings.batch_size]).to(device),
                                CiderD(references))  # the split's first images, rows of a corpus of them all
         images.cider.scores = watch.wrap("reward", images.cider.scores)
-        step = lambda n: scst.scst_epoch(captioner, captioner, images, settings, optimisation, generator, impl)  # noqa: E731
+        step = lambda n: scst.scst_epoch(captioner, captioner, images, settings, optimisation, generator, model)  # noqa: E731
         figures.update(images=len(images), samples=settings.samples, max_length=settings.max_length, sampled=[])
         # scst_epoch finds `sample` in its module: timed there while the timed steps run.
         timing = mock.patch.object(scst, "sample", watch.wrap("sample", _recording(scst.sample, figures["sampled"])))
@@ -343,7 +347,7 @@ def variant(device: torch.device, impl: str, steps: int, corpus_images: int, lay
         per_step = max(settings.batch_size // workload.CAPTIONS_PER_IMAGE, 1)  # images
         batches = [caption_set(captions, captioner, device, captions.records[n * per_step: (n + 1) * per_step])
                    for n in range(steps + 1)]
-        step = lambda n: train_epoch(captioner, batches[n], len(batches[n]), optimisation, generator, impl)  # noqa: E731
+        step = lambda n: train_epoch(captioner, batches[n], len(batches[n]), optimisation, generator, model)  # noqa: E731
         figures.update(captions=len(batches[0]), positions=[_positions(captioner, b) for b in batches[1:]])
         timing = contextlib.nullcontext()
     step = watch.wrap("step", step)

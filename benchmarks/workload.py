@@ -24,10 +24,10 @@ from transformers import PreTrainedTokenizerFast
 from pipeline.models.viclipcap import Captioner
 from pipeline.encoders.base import encoding_precision
 from pipeline.encoders.clip import ClipEncoder
-from pipeline.config import load_config
+from pipeline.config import LmTrain, load_config
 from pipeline.data import ImageRecord
 from pipeline.demo.tiny import train_tokenizer
-from pipeline.models.viclipcap.lm import LanguageModel, _banned_ids, _stop_id, fuse_activations
+from pipeline.models.viclipcap.lm import LanguageModel, fuse_activations, set_up_lm
 from pipeline.models.viclipcap.mapper import build_mapper
 from pipeline.retrieval import Datastore
 
@@ -57,29 +57,28 @@ def clip_encoder(device: torch.device) -> ClipEncoder:
 
 
 def language_model(device: torch.device, impl: str = "viclip", tokenizer: PreTrainedTokenizerFast | None = None,
-                   layers: int = 12, width: int = 768) -> LanguageModel:
+                   layers: int = 12, width: int = 768, train: LmTrain = "frozen") -> LanguageModel:
     """GPT-2 small's shape (124M parameters; a test's may have fewer blocks or a narrower width, one head
-    each 64 wide), frozen as the pipeline freezes it; viclip's with its activations fused as `load_lm` fuses
-    them, the reference's as Hugging Face builds it.
+    each 64 wide), viclip's with its activations fused as `load_lm` fuses them, the reference's as Hugging
+    Face builds it.
 
-    Without a tokenizer, random weights never stop (the worst case): the stop is end-of-text, and no token is
-    banned. With one (prompts to write, samples to read), the stop is `lm.stop` and rows no entry of the
-    tokenizer maps to are banned, as `load_lm` does: random weights draw the stop about once in
-    TOKENIZER_ENTRIES tokens."""
+    Without a tokenizer it is frozen, and random weights never stop (the worst case): the stop is
+    end-of-text, and no token is banned. With one (prompts to write, samples to read), it is set up as
+    `load_lm` sets up a loaded LM (`set_up_lm`): the stop is `lm.stop`, rows no entry of the tokenizer maps
+    to are banned (random weights then draw the stop about once in TOKENIZER_ENTRIES tokens), and what of
+    it trains is `train` (lm.train, with lm.lora's adapters)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=max(width // 64, 1)))
+    name = "gpt2-small-shape"
+    if tokenizer is not None:
+        settings = params().lm
+        return set_up_lm(name, model, tokenizer, settings.stop, device, train, settings.lora)
     if impl == "viclip":
         fuse_activations(model)
     model.requires_grad_(False).eval().to(device)
-    name, rows = "gpt2-small-shape", model.get_input_embeddings().num_embeddings
-    if tokenizer is None:
-        return LanguageModel(name, model, tokenizer=None, stop_text=None, stop_id=model.config.eos_token_id,
-                             banned_ids=())
-    stop = params().lm.stop
-    stop_id = _stop_id(name, tokenizer, stop, rows)
-    return LanguageModel(name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id))
+    return LanguageModel(name, model, tokenizer=None, stop_text=None, stop_id=model.config.eos_token_id, banned_ids=())
 
 
 def tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:

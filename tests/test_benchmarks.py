@@ -119,9 +119,12 @@ def test_the_variants_stage_measures_each_variant_against_the_cross_entropy_step
     monkeypatch.setattr(command, "run_case", lambda *args: json.loads(json.dumps(case.run(*args))))
     rows = command.variants(VariantSize(steps=1, corpus=24, layers=1, width=64, batch=5))
     steps = [r for r in rows if "training step" in r["measure"]]
-    assert [r["measure"].split(":")[0] for r in steps] == list(VARIANTS)
+    assert [r["variant"] for r in steps] == list(VARIANTS)
     assert all(r["viclip"] > 0 and r["reference"] == steps[0]["viclip"] and r["steps"] == 1 for r in steps)
     assert steps[0]["cost"] == 1.0 and all(r["peak_mb"] > 0 and r["optimizer_mb"] > 0 for r in steps)
     parts = [r for r in rows if "of which" in r["measure"]]
     assert len(parts) == 3 and all(r["viclip"] >= 0 and 0 <= r["share"] <= 1 for r in parts)
     assert "5 images x 5 samples" in steps[VARIANTS.index("viclipcap_scst")]["measure"]
+    trained = {r["variant"]: r["trained_parameters"] for r in steps}
+    assert trained["viclipcap:lora"] > trained["viclipcap"]  # the adapters too
+    assert trained["viclipcap_published"] > 50_257 * 64  # the LM too (its embeddings alone are this many)

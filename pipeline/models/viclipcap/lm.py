@@ -224,6 +224,15 @@ def load_lm(
             f"could not load the language model {name!r} ({str(error).splitlines()[0]}); "
             "download it elsewhere and set lm.name in params.yaml to its local directory"
         ) from None
+    return set_up_lm(name, model, tokenizer, stop, device, train, lora)
+
+
+def set_up_lm(
+    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stop: str | None, device: torch.device,
+    train: LmTrain = "frozen", lora: LoraSettings | None = None,
+) -> LanguageModel:
+    """What `load_lm` makes of a loaded LM and its tokenizer (the benchmarks' random-weight LMs too):
+    the stop token and the banned ones found, activations fused, set up for `train`, on `device`."""
     rows = model.get_input_embeddings().num_embeddings
     if stop is None:
         stop_id = _end_of_text_id(tokenizer, model)
