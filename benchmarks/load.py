@@ -4,7 +4,7 @@ and with one request at a time (the same service, its batches capped at one requ
 `python -m benchmarks.load MODELS MODE [PROJECT]` is one case, in a process of its own: it starts the
 server in a child process (`... server MODELS MODE PORT [PROJECT]`), so the clients' Python and the
 server's do not share one interpreter lock, then runs every concurrency level against it and prints
-its JSON. MODELS is `demo` (both trained models of a `viclip demo` project, as `viclip serve --model
+its JSON. MODELS is `demo` (every trained model of a `viclip demo` project, as `viclip serve --model
 all` serves them) or `full` (ViT-B-32 and a GPT-2-small-shaped LM with random weights, the default
 mapper: captions run to the full length, the worst case). Each level is bounded in requests and time.
 """

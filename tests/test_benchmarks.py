@@ -93,7 +93,7 @@ def test_the_load_case_answers_every_request_at_every_level(demo, monkeypatch):
     monkeypatch.setitem(load.REQUESTS, "demo", {1: 2, 8: 8, 32: 32})
     for mode in load.MODES:
         case = load.run_case("demo", mode, demo)
-        assert case["served"] == ["viclipcap", "cnn_lstm"]
+        assert case["served"] == list(paths.MODELS)
         levels = case["levels"]
         assert [(level["concurrency"], level["requests"], level["error_count"]) for level in levels] == [
             (1, 2, 0), (8, 8, 0), (32, 32, 0)]
