@@ -134,9 +134,10 @@ def make_tiny_lm(
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
+    window = min(block, len(ids) - 1)  # a test's few sentences may be shorter than one block
     for _ in range(steps):
-        starts = torch.randint(len(ids) - block, (32,))
-        tokens = torch.stack([ids[start : start + block] for start in starts.tolist()])  # (32, block)
+        starts = torch.randint(len(ids) - window, (32,))
+        tokens = torch.stack([ids[start : start + window] for start in starts.tolist()])  # (32, window)
         loss = model(input_ids=tokens, labels=tokens).loss
         optimizer.zero_grad()
         loss.backward()
