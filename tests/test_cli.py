@@ -13,6 +13,7 @@ from skimage import data as photos
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.paths import MODELS
 from pipeline.config import dump_config, load_config
 
 
@@ -329,6 +330,7 @@ def test_decompression_bombs_are_bad_images_to_extract_and_caption(project, demo
 
 
 def test_serve_without_a_trained_model_or_with_an_unknown_one(project):
-    assert_clear_error(invoke("serve", "--model", "all"), "artifacts/models/viclipcap", "not a model directory")
+    assert_clear_error(invoke("serve", "--model", "all"), "no trained model under artifacts/models")
+    assert_clear_error(invoke("serve", "--model", "viclipcap"), "artifacts/models/viclipcap", "not a model directory")
     result = invoke("serve", "--model", "lstm")
-    assert result.exit_code == 2 and "--model must be one of viclipcap, cnn_lstm, all" in result.output
+    assert result.exit_code == 2 and f"--model must be one of {', '.join(MODELS)}, all" in result.output
