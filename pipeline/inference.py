@@ -22,6 +22,7 @@ from pipeline.encoders.base import ImageEncoder
 from pipeline.errors import ViclipError
 from pipeline.models import ModelSpec, family, load_model
 from pipeline.models.base import CaptionModel
+from pipeline.paths import ENCODERS
 
 
 @dataclass
@@ -40,7 +41,7 @@ class LoadedModel:
         model, spec = load_model(model_dir, device)
         # The model names the encoder it was trained on; refuse other weights under the same name.
         name = family(spec.name).encoder
-        section = spec.sections[name]
+        section = spec.sections[ENCODERS[name]]  # a store is named after its section; the spec records it as its family
         encoder = load_encoder(name, section, device)
         for key, value in encoder_attrs(name, section).items():
             if spec.encoder.get(key) != value:
