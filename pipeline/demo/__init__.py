@@ -105,16 +105,18 @@ def prepare(workdir: Path, train_images: int = 400, test_images: int = 80,
     return workdir
 
 
-def dvc(workdir: Path, *args: str) -> str:
-    """Run a DVC command in `workdir`, with this environment's `viclip` on PATH."""
+def dvc(workdir: Path, *args: str, live: bool = False) -> str:
+    """Run a DVC command in `workdir`, with this environment's `viclip` on PATH; return its output, or
+    with `live` let it through as it comes (each stage's progress) and return nothing."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    sys.stdout.flush()
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workdir, env=env,
-                            capture_output=True, text=True)
+                            capture_output=not live, text=True)
     if result.returncode != 0:
-        sys.stderr.write(result.stdout + result.stderr)
+        sys.stderr.write((result.stdout or "") + (result.stderr or ""))
         raise ViclipError(f"`dvc {' '.join(args)}` failed in {workdir} (its output is above)")
-    return result.stdout
+    return result.stdout or ""
 
 
 def blind_captions(workdir: Path, splits: dict[str, list[ImageRecord]]) -> Path:
@@ -137,7 +139,7 @@ def run_demo(workdir: Path) -> None:
         print(f"demo: building synthetic data and tiny models in {workdir}")
         prepare(workdir)
     print("demo: dvc repro (extract -> train -> score, for the baseline, ViCLIPCap and its variants; then compare)")
-    sys.stdout.write(dvc(workdir, "repro"))
+    dvc(workdir, "repro", live=True)
     config = load_config(workdir / "params.yaml")
     with chdir(workdir):
         splits = load_splits(config.data)
