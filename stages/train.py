@@ -113,17 +113,18 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
         raise ViclipError(f"{resume_path}: the ranks see different checkpoints; put train.out where every machine sees it")
     log = [f"epoch,{','.join(objective.columns)},lr,seconds"]
     # Where training starts from a trained model, that model is epoch 0: kept unless an epoch beats it.
-    epoch, best_epoch, best, elapsed = 0, 0, None, 0.0
-    best_value = objective.validate(model, optimisation.policy) if start else None
-    first_value = best_value
+    epoch, best_epoch, best, best_value, first_value, elapsed = 0, 0, None, None, None, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimisation.load_state_dict(state["optimisation"])
         generator.set_state(state["generator"])
         checkpoint.set_rng_state(state["rng"][distributed.rank()])
-        epoch, log, best_value, best_epoch, elapsed = (state[k] for k in ("epoch", "log", "best_value", "best_epoch", "elapsed"))
+        epoch, log, best_value, first_value, best_epoch, elapsed = (
+            state[k] for k in ("epoch", "log", "best_value", "first_value", "best_epoch", "elapsed"))
         best = state["best"] or state["model"]
         why = f"train {model_name}: resuming after epoch {epoch} from {resume_path}"
+    elif start:
+        best_value = first_value = objective.validate(model, optimisation.policy)
     if why and distributed.is_main():
         print(why, file=sys.stderr)
     best = best or (_copy(model) if start else None)
@@ -148,7 +149,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
             checkpoint.save(resume_path, fingerprint, {
                 "epoch": epoch, "model": current, "best": None if improved else best,
                 "optimisation": optimisation.state_dict(), "generator": generator.get_state(), "rng": rng,
-                "log": log, "best_value": best_value, "best_epoch": best_epoch,
+                "log": log, "best_value": best_value, "first_value": first_value, "best_epoch": best_epoch,
                 "elapsed": elapsed + time.perf_counter() - started,
             })
 

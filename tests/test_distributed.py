@@ -139,28 +139,36 @@ def _kill_after_checkpoint(process: subprocess.Popen, checkpoint: Path) -> None:
     process.wait()
 
 
-def test_train_resumes_after_sigkill_and_ends_as_an_uninterrupted_run(project):
-    edit(project, train__viclipcap__epochs=30, train__viclipcap__patience=30)
+@pytest.mark.parametrize(("model", "epochs"), [("viclipcap", 30), ("viclipcap_scst", 6)])  # an SCST epoch samples
+def test_train_resumes_after_sigkill_and_ends_as_an_uninterrupted_run(project, model, epochs):
+    edit(project, **{f"train__{model}__epochs": epochs, f"train__{model}__patience": epochs})
     run("extract")
-    run("train")
-    uninterrupted = (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes()
-    log = [line.rsplit(",", 1)[0] for line in (project / "artifacts/models/viclipcap.csv").read_text().splitlines()]
-    model_dir, checkpoint = project / "artifacts/models/viclipcap", project / "artifacts/models/.viclipcap.resume.pt"
+    if model == "viclipcap_scst":
+        run("train")  # the cross-entropy model it starts from
+    run("train", "--model", model)
+    model_dir, checkpoint = project / f"artifacts/models/{model}", project / f"artifacts/models/.{model}.resume.pt"
+    uninterrupted = (model_dir / "mapper.safetensors").read_bytes()
+    spec = json.loads((model_dir / "config.json").read_text())
+    log = [line.rsplit(",", 1)[0] for line in (project / f"artifacts/models/{model}.csv").read_text().splitlines()]
     assert not checkpoint.exists()  # a finished run leaves none behind
 
     # As DVC does before running the stage: the outputs are gone.
     for path in (model_dir / "mapper.safetensors", model_dir / "config.json", model_dir / "params.yaml"):
         path.unlink()
     model_dir.rmdir()
-    _kill_after_checkpoint(start("train"), checkpoint)
+    _kill_after_checkpoint(start("train", "--model", model), checkpoint)
     assert not model_dir.exists(), "the run finished before it was killed: nothing was tested"
 
-    resumed = run("train")
+    resumed = run("train", "--model", model)
     assert "resuming after epoch" in resumed.stderr
-    assert int(resumed.stderr.split("resuming after epoch ")[1].split()[0]) < 30
+    assert int(resumed.stderr.split("resuming after epoch ")[1].split()[0]) < epochs
     assert (model_dir / "mapper.safetensors").read_bytes() == uninterrupted
-    again = [line.rsplit(",", 1)[0] for line in (project / "artifacts/models/viclipcap.csv").read_text().splitlines()]
-    assert again == log  # every epoch's losses and learning rate, to the last digit
+    again = [line.rsplit(",", 1)[0] for line in (project / f"artifacts/models/{model}.csv").read_text().splitlines()]
+    assert again == log  # every epoch's figures and learning rate, to the last digit
+    # What the record says of the starting model (SCST's start_val_cider) comes from the checkpoint.
+    resumed_spec = json.loads((model_dir / "config.json").read_text())
+    assert {k: v for k, v in resumed_spec.items() if k != "train_seconds"} == \
+        {k: v for k, v in spec.items() if k != "train_seconds"}
     assert not checkpoint.exists()
 
 
