@@ -92,6 +92,15 @@ class Captions:
     clamped_from: int | None  # score.max_length, where the model could not hold it
 
 
+def token_limit(model: CaptionModel, max_length: int) -> int:
+    """`max_length`, capped so the LM's context holds the prefix, the prompt and the caption: a decoder never
+    asks for positions the LM does not have."""
+    limit = max_length if model.max_tokens is None else min(max_length, model.max_tokens)
+    if limit < 1:
+        raise ViclipError(f"the LM's context holds no caption token after the prefix and prompt ({model.max_tokens} positions left)")
+    return limit
+
+
 def caption_features(
     model: CaptionModel, features: torch.Tensor | Iterable[torch.Tensor], settings: ScoreConfig,
     description: str | None = "decode", total: int | None = None,
@@ -99,10 +108,7 @@ def caption_features(
     """Captions for (N, ...) image features, decoded `settings.batch_size` images at a time, or for an iterable
     of such batches (`total` of them: a store streamed from disk). A progress bar named `description` on a
     terminal (None: none, as a service decoding many small batches wants)."""
-    # The LM's context holds the prefix and the caption: never ask for positions it does not have.
-    limit = settings.max_length if model.max_tokens is None else min(settings.max_length, model.max_tokens)
-    if limit < 1:
-        raise ViclipError(f"the LM's context holds no caption token after the prefix and prompt ({model.max_tokens} positions left)")
+    limit = token_limit(model, settings.max_length)
     batches = features.split(settings.batch_size) if isinstance(features, torch.Tensor) else features
     texts: list[str] = []
     unfinished = 0

@@ -27,7 +27,7 @@ from pipeline import distributed
 from pipeline.cider import CiderD
 from pipeline.config import ScoreConfig, ScstSettings
 from pipeline.data import ImageRecord
-from pipeline.decoding import caption_features
+from pipeline.decoding import caption_features, token_limit
 from pipeline.devices import Precision, autocast
 from pipeline.features import FeatureStore
 from pipeline.models.base import CaptionModel
@@ -47,13 +47,13 @@ def sample(model: CaptionModel, features: torch.Tensor, samples: int, max_length
     logits = first.repeat_interleave(samples, dim=0)
     tokens, finished = [], torch.zeros(len(rows), dtype=torch.bool, device=features.device)
     lengths = torch.zeros(len(rows), dtype=torch.long, device=features.device)
-    for _ in range(max_length):
+    for position in range(max_length):
         drawn = torch.multinomial((logits.float() + never).softmax(-1), 1).squeeze(1)  # (N * S,)
         drawn = drawn.masked_fill(finished, model.stop_id)
         lengths += ~finished
         finished |= drawn == model.stop_id
         tokens.append(drawn)
-        if finished.all():
+        if finished.all() or position == max_length - 1:
             break
         logits = step(rows, drawn)
     return torch.stack(tokens, dim=1), lengths
@@ -94,7 +94,8 @@ def scst_epoch(
 ) -> float:
     """One pass over the training images; returns the mean reward of the samples (over every rank).
     `trained` is the model or its DistributedDataParallel wrapper; each rank samples for its share of each
-    batch's images, its loss weighted by that share."""
+    batch's images, its token-mean loss weighted by its share of the batch's sampled tokens, so the ranks'
+    averaged gradients are those of one process's token mean."""
     order = torch.randperm(len(data), generator=generator)
     total, drawn = 0.0, 0
     steps = -(-len(data) // settings.batch_size)
@@ -102,21 +103,22 @@ def scst_epoch(
                       disable=distributed.progress_disabled()):
         batch = order[start : start + settings.batch_size]
         share = distributed.shard(len(batch))
-        weight = len(share) / len(batch) * distributed.world_size()
         images = batch[share.start : share.stop] if len(share) else batch[:1]
         features = data.features[images.to(data.features.device)]
         model.eval()  # sampling draws from the model as it decodes
         with autocast(features.device, optimisation.policy):
-            tokens, lengths = sample(model, features, settings.samples, settings.max_length)
+            tokens, lengths = sample(model, features, settings.samples, token_limit(model, settings.max_length))
         texts = [tokenize(model.decode(row[:n].tolist())) for row, n in zip(tokens.cpu(), lengths.tolist())]
         rewards = data.cider.scores(texts, np.repeat(images.numpy(), settings.samples))
         rewards = torch.tensor(rewards, dtype=torch.float32, device=features.device).view(len(images), -1)
         mask = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
+        counted = float(mask.sum()) if len(share) else 0.0
+        weight = counted / distributed.all_sum(counted)[0] * distributed.world_size()
         trained.train()
         with autocast(features.device, optimisation.policy):
             loss = trained(features.repeat_interleave(settings.samples, 0), tokens.clone(), mask,
                            advantages(rewards).flatten())
-        optimisation.step(trained, loss * (weight if len(share) else 0.0))
+        optimisation.step(trained, loss * weight)
         if len(share):
             total += float(rewards.sum())
             drawn += rewards.numel()

@@ -27,7 +27,7 @@ from pipeline.errors import ViclipError
 from pipeline.features import FeatureStore, open_store
 from pipeline.io import atomic_path, write_json, write_text
 from pipeline.models import CONFIG, check_record, family, read_spec, spec_for
-from pipeline.models.base import trainable_parameters
+from pipeline.models.base import load_trained_state, trainable_parameters, trained_state
 from pipeline.scst import ImageSet, SelfCritical
 from pipeline.training import CaptionSet, CrossEntropy, Optimisation, seed_everything
 
@@ -43,6 +43,8 @@ def _fingerprint(config: Config, model_name: str, stores: dict[str, FeatureStore
         "train": getattr(config.train, model_name).model_dump(),
         "stores": {split: store.identity() for split, store in stores.items()},
         "start_from": start,
+        # SCST picks its best epoch by validation captions decoded with the score settings.
+        "score": config.score.model_dump() if start else None,
         "processes": distributed.world_size(),
     })
 
@@ -63,10 +65,6 @@ def _start_from(config: Config, model: torch.nn.Module, name: str, encoder: dict
     return {"model": name, "weights": f"sha256:{digest}", **{k: spec.extra.get(k) for k in ("val_loss", "best_epoch")}}
 
 
-def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
 def run(config: Config, model_name: str = paths.MODEL) -> str:
     started = time.perf_counter()
     recipe = family(model_name)
@@ -81,7 +79,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
     }
     encoder = {**expected, "embedding_dim": stores["train"].attrs["embedding_dim"]}
 
-    model = recipe.build(config, records["train"], encoder, device)
+    model = recipe.build(config, records["train"], stores["train"], encoder, device)
     start = None
     if isinstance(settings, ScstSettings):
         start = _start_from(config, model, settings.start_from, encoder)
@@ -101,7 +99,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
     generator = torch.Generator().manual_seed(config.train.seed)
     if distributed.world_size() > 1:
         # Every rank built the same weights from the same seed; from here each draws its own dropout masks
-        # (the baseline's; the mapper has none) and samples, rank 0 the one-process stream.
+        # (the baseline's, a trained GPT-2's; the mapper has none) and samples, rank 0 the one-process stream.
         torch.manual_seed(config.train.seed + 7919 * distributed.rank())
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if distributed.world_size() > 1 else model
@@ -115,7 +113,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
     # Where training starts from a trained model, that model is epoch 0: kept unless an epoch beats it.
     epoch, best_epoch, best, best_value, first_value, elapsed = 0, 0, None, None, None, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_trained_state(model, state["model"])
         optimisation.load_state_dict(state["optimisation"])
         generator.set_state(state["generator"])
         checkpoint.set_rng_state(state["rng"][distributed.rank()])
@@ -127,7 +125,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
         best_value = first_value = objective.validate(model, optimisation.policy)
     if why and distributed.is_main():
         print(why, file=sys.stderr)
-    best = best or (_copy(model) if start else None)
+    best = best or (trained_state(model) if start else None)
 
     while epoch < settings.epochs and epoch - best_epoch < settings.patience:
         epoch += 1
@@ -144,7 +142,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
         rng = distributed.gather(checkpoint.rng_state())
         if distributed.is_main():
             write_text(paths.train_log(config, model_name), "\n".join(log) + "\n")
-            current = _copy(model)
+            current = trained_state(model)
             best = current if improved else best
             checkpoint.save(resume_path, fingerprint, {
                 "epoch": epoch, "model": current, "best": None if improved else best,
@@ -155,7 +153,7 @@ def run(config: Config, model_name: str = paths.MODEL) -> str:
 
     validation = objective.columns[1]
     if distributed.is_main():
-        model.load_state_dict(best)
+        load_trained_state(model, best)
         spec = spec_for(model_name, config, encoder, {
             "trainable_parameters": trainable_parameters(model),
             "epochs": epoch,
