@@ -77,15 +77,21 @@ class Datastore:
         write_json(directory / CAPTIONS, {"format": FORMAT, "source": self.source, "captions": self.captions})
 
     @classmethod
-    def load(cls, directory: Path, device: torch.device) -> Datastore:
+    def load(cls, directory: Path, width: int, device: torch.device) -> Datastore:
+        """What `save` wrote, for embeddings `width` wide (the model's store)."""
         try:
             tensors = load_file(str(directory / EMBEDDINGS))
             raw = json.loads((directory / CAPTIONS).read_text(encoding="utf-8"))
-            if raw.get("format") != FORMAT or len(raw["captions"]) != len(tensors["image_ids"]):
-                raise ValueError(f"not a {FORMAT} datastore of {len(tensors['image_ids'])} images")
-        except (OSError, ValueError, KeyError) as error:
+            store = cls(tensors["embeddings"].to(device), tensors["image_ids"].tolist(), raw["captions"], raw["source"])
+            images = len(store.image_ids)
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}, not {FORMAT!r}")
+            if len(store.captions) != images or store.embeddings.shape != (images, width):
+                raise ValueError(f"{images} images want {images} captions and {images}x{width} embeddings; it holds "
+                                 f"{len(store.captions)} captions and {'x'.join(map(str, store.embeddings.shape))} embeddings")
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
             raise ViclipError(f"{directory}: unreadable retrieval datastore ({str(error).splitlines()[0]})") from None
-        return cls(tensors["embeddings"].to(device), tensors["image_ids"].tolist(), raw["captions"], raw["source"])
+        return store
 
 
 def _unit(embeddings: torch.Tensor) -> torch.Tensor:
@@ -98,6 +104,12 @@ class Retrieval:
 
     datastore: Datastore
     settings: RetrievalConfig
+
+    def __post_init__(self) -> None:
+        images = len(self.datastore.image_ids)
+        if self.settings.k >= images:  # an image never retrieves itself: k others at most
+            raise ViclipError(f"retrieval.k is {self.settings.k}, but the datastore holds {images} training images: "
+                              f"k must be below {images}")
 
     def texts(self, embeddings: torch.Tensor) -> list[str]:
         """(B, D) image embeddings -> each image's prompt."""

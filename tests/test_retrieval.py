@@ -7,15 +7,18 @@ from __future__ import annotations
 from contextlib import chdir
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline import paths
+from pipeline.config import RetrievalConfig
 from pipeline.data import load_splits
 from pipeline.decoding import beam_search, caption_features
+from pipeline.errors import ViclipError
 from pipeline.features import open_store
 from pipeline.metrics import score_captions
 from pipeline.models import load_model
-from pipeline.retrieval import Datastore
+from pipeline.retrieval import Datastore, Retrieval
 
 CPU = torch.device("cpu")
 RAG = "viclipcap_rag"
@@ -89,3 +92,27 @@ def test_the_model_reads_its_prompt(demo, config):
     random = score_captions(references, dict(zip((int(i) for i in store.image_ids), texts)))["syllable"]["cider"]
     assert random < cider - 0.1, (random, cider)
     assert np.isfinite(random)
+
+
+def _datastore(images: int = 3, width: int = 4) -> Datastore:
+    return Datastore(torch.eye(images, width), list(range(images)), [f"ảnh {i}" for i in range(images)],
+                     {"split": "train", "images": images})
+
+
+def test_a_damaged_datastore_is_refused_in_one_line(tmp_path):
+    _datastore().save(tmp_path)
+    assert Datastore.load(tmp_path, 4, CPU).captions == ["ảnh 0", "ảnh 1", "ảnh 2"]
+    with pytest.raises(ViclipError, match=r"unreadable retrieval datastore \(3 images want 3 captions and 3x8 embeddings; it holds 3 captions and 3x4"):
+        Datastore.load(tmp_path, 8, CPU)  # another store's embeddings
+    (tmp_path / "datastore.json").write_text('{"format": "viclip-datastore/1", "source": {}}')
+    with pytest.raises(ViclipError, match="unreadable retrieval datastore.*captions"):
+        Datastore.load(tmp_path, 4, CPU)
+    (tmp_path / "datastore.json").write_text("[]")
+    with pytest.raises(ViclipError, match="unreadable retrieval datastore"):
+        Datastore.load(tmp_path, 4, CPU)
+
+
+def test_k_must_leave_the_image_itself_out():
+    assert len(Retrieval(_datastore(3), RetrievalConfig(k=2, template="{captions}.", separator=". ")).texts(torch.eye(3, 4))) == 3
+    with pytest.raises(ViclipError, match="retrieval.k is 3, but the datastore holds 3 training images"):
+        Retrieval(_datastore(3), RetrievalConfig(k=3, template="{captions}.", separator=". "))
