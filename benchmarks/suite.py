@@ -236,7 +236,7 @@ def streamed_train(device: torch.device, impl: str, images: int, steps: int = 10
             store.append(np.array(rows), rng.standard_normal((len(rows), *grid), dtype=np.float32).astype(np.float16))
     if impl == "disk":
         os.environ[FEATURE_BUDGET] = "0"
-    model = cnn_lstm.build(config, records, {"embedding_dim": grid[1]}, device)
+    model = cnn_lstm.build(config, records, None, {"embedding_dim": grid[1]}, device)
     data = CaptionSet.build(records, open_store(folder / "train.h5", {}), model.encode, None, device)
     settings = config.train.cnn_lstm
     optimisation = Optimisation.build(model, settings, steps, device)

@@ -184,6 +184,9 @@ def test_model_dir_that_does_not_match_its_weights(project):
     raw["mapper"]["prefix_length"] += 1
     config.write_text(json.dumps(raw))
     assert_clear_error(invoke("score"), "mapper.safetensors", "do not fit")
+    # Only a section the model may do without (retrieval) can be null.
+    config.write_text(json.dumps({**raw, "lm": None}))
+    assert_clear_error(invoke("score"), "config.json", "key 'lm'")
     shutil.rmtree(project / "artifacts/models/viclipcap")
     assert_clear_error(invoke("score"), "viclipcap", "not a model directory")
 

@@ -22,6 +22,7 @@ from pipeline.errors import ViclipError
 from pipeline.features import open_store, write_store
 from pipeline.io import write_json
 from pipeline.models import CONFIG, family, load_model, spec_for
+from pipeline.models.base import load_trained_state, trained_state
 from pipeline.models.viclipcap.lm import TRAINED_WEIGHTS
 from pipeline.training import CaptionSet, Optimisation, seed_everything, train_epoch
 
@@ -61,7 +62,7 @@ def lm_weights(model) -> dict[str, torch.Tensor]:
 def train(config, tmp_path: Path, epochs: int = 2):
     """A fresh model trained by the real loop; the optimisation and the LM's weights before training."""
     seed_everything(0)
-    model = family("viclipcap").build(config, [], ENCODER, CPU)
+    model = family("viclipcap").build(config, [], None, ENCODER, CPU)
     before = lm_weights(model)
     data = captions(model, tmp_path)
     settings = config.train.viclipcap
@@ -120,6 +121,13 @@ def test_a_trained_lm_is_saved_as_what_was_trained_and_reloads_to_the_same_capti
     fresh.mapper.load_state_dict(model.mapper.state_dict())
     assert not torch.equal(outputs(fresh, tmp_path)[1], ours[1])  # what the LM learned is in the captions
 
+    # A resume checkpoint holds what trains, never a LoRA-adapted LM's frozen base weights.
+    state = trained_state(model)
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    assert not frozen & set(state) and bool(frozen) == (mode == "lora")
+    load_trained_state(fresh, state)
+    assert torch.equal(outputs(fresh, tmp_path)[1], ours[1])
+
 
 def test_a_frozen_lm_is_left_as_it_was_and_not_saved(base_lm, tmp_path):
     config = config_for(base_lm, "frozen")
@@ -135,7 +143,7 @@ def test_a_frozen_lm_is_left_as_it_was_and_not_saved(base_lm, tmp_path):
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 def test_the_optimiser_gets_only_what_trains(base_lm, mode):
-    model = family("viclipcap").build(config_for(base_lm, mode), [], ENCODER, CPU)
+    model = family("viclipcap").build(config_for(base_lm, mode), [], None, ENCODER, CPU)
     optimised = {id(p) for group in Optimisation.build(model, config_for(base_lm, mode).train.viclipcap, 10, CPU)
                  .optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -152,7 +160,7 @@ def test_the_optimiser_gets_only_what_trains(base_lm, mode):
 def test_trained_lm_weights_are_refused_on_another_base_lm(base_lm, tmp_path, mode):
     local = shutil.copytree(base_lm, tmp_path / "lm")
     config = config_for(local, mode)
-    directory = save(family("viclipcap").build(config, [], ENCODER, CPU), config, tmp_path / "model")
+    directory = save(family("viclipcap").build(config, [], None, ENCODER, CPU), config, tmp_path / "model")
     # The same path now holds another revision: the same shape and tokenizer, other weights.
     other = AutoModelForCausalLM.from_pretrained(local)
     with torch.no_grad():

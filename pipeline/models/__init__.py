@@ -68,10 +68,11 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
             raise ViclipError(f"{path}: not a viclip model config (format {raw.get('format')!r})")
         if raw["model"] not in MODELS:
             raise ViclipError(f"{path}: unknown model {raw['model']!r}")
-        names = family(raw["model"]).sections
+        recipe = family(raw["model"])
+        names = recipe.sections
         # A section from an older viclip (before lm.stop, say) names the key it lacks.
-        sections = {name: parse_section(name, raw[name], f"{path} (train again?)") if raw.get(name, {}) is not None
-                    else None for name in names}
+        sections = {name: None if name in recipe.optional and raw.get(name, {}) is None
+                    else parse_section(name, raw.get(name), f"{path} (train again?)") for name in names}
         known = {"format", "model", "encoder", *names}
         return ModelSpec(raw["model"], raw["encoder"], sections, {k: v for k, v in raw.items() if k not in known})
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:

@@ -16,6 +16,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.data import ImageRecord
 from pipeline.errors import ViclipError
+from pipeline.features import FeatureStore
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,11 +71,13 @@ class Family:
     rebuild a trained one's shape from its model directory (its weights are then `restore`d)."""
 
     encoder: str  # the feature store it reads (paths.ENCODERS)
-    sections: tuple[str, ...]  # the params sections that define it, recorded in config.json (null where unused)
-    build: Callable[[Config, Sequence[ImageRecord], dict[str, Any], torch.device], CaptionModel]
+    sections: tuple[str, ...]  # the params sections that define it, recorded in config.json
+    # From the training split (its records and its feature store) and the store's attributes.
+    build: Callable[[Config, Sequence[ImageRecord], FeatureStore | None, dict[str, Any], torch.device], CaptionModel]
     rebuild: Callable[[Path, dict[str, BaseModel | None], dict[str, Any], torch.device], CaptionModel]
     # The params as this model reads them: a variant puts its own settings where the family reads them.
     view: Callable[[Config], Config] = lambda config: config
+    optional: tuple[str, ...] = ()  # sections a view may leave out (None, null in config.json)
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -84,6 +87,27 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 def trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in trainable(module))
+
+
+def _frozen(module: nn.Module) -> set[str]:
+    # Every name of a tied tensor (GPT-2's input and output embeddings share one).
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of what training changes: the state dict less frozen parameters, which for a LoRA-adapted LM
+    are its base weights (hundreds of MB a checkpoint need not hold)."""
+    frozen = _frozen(module)
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items() if k not in frozen}
+
+
+def load_trained_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what `trained_state` copied; every entry but the frozen parameters must be there."""
+    result = module.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - _frozen(module)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"trained state does not fit the model: missing {sorted(missing)}, "
+                           f"unexpected {sorted(result.unexpected_keys)}")
 
 
 def save_weights(module: nn.Module, path: Path) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from pipeline.config import Config, LstmConfig
 from pipeline.data import ImageRecord
 from pipeline.errors import ViclipError
+from pipeline.features import FeatureStore
 from pipeline.io import write_json
 from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
 from pipeline.text import tokenize
@@ -178,7 +179,8 @@ class ShowAttendTell(CaptionModel):
 
 
 def build(
-    config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any], device: torch.device
+    config: Config, records: Sequence[ImageRecord], store: FeatureStore | None, encoder: dict[str, Any],
+    device: torch.device,
 ) -> ShowAttendTell:
     """A fresh decoder whose vocabulary comes from `records`, the training split's captions."""
     vocab = Vocabulary.build((c for r in records for c in r.captions), config.lstm.min_count)

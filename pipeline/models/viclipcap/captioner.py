@@ -7,7 +7,7 @@ Its model directory holds `mapper.safetensors`, the mapper's weights, and of the
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from pipeline import paths
 from pipeline.config import Config, LmConfig, MapperConfig
 from pipeline.data import ImageRecord
 from pipeline.errors import ViclipError
+from pipeline.features import FeatureStore
 from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
 from pipeline.models.viclipcap.lm import LanguageModel, load_lm
 from pipeline.models.viclipcap.loss import frozen_head_cross_entropy
 from pipeline.models.viclipcap.mapper import build_mapper
-from pipeline.features import open_store
 from pipeline.retrieval import Datastore, Retrieval
 
 WEIGHTS = "mapper.safetensors"
@@ -171,19 +170,19 @@ def _positions(attention: torch.Tensor) -> torch.Tensor:
     return (attention.long().cumsum(1) - 1).clamp(min=0)
 
 
-def build(config: Config, records: Sequence[ImageRecord], encoder: dict[str, Any], device: torch.device) -> Captioner:
+def build(config: Config, records: Sequence[ImageRecord], store: FeatureStore | None, encoder: dict[str, Any],
+          device: torch.device) -> Captioner:
     """A fresh mapper sized from the stored embeddings and the LM, in front of the LM as lm.train sets it up; with
     `config.retrieval`, the training split's store and captions as the datastore."""
     retrieval = None
     if config.retrieval is not None:
-        store = open_store(paths.store_path(config, "train", encoder["encoder"]), {})
         retrieval = Retrieval(Datastore.build(store, records, device), config.retrieval)
     return _assemble(config.lm, config.mapper, retrieval, encoder, device)
 
 
 def rebuild(model_dir: Path, sections: dict[str, BaseModel | None], encoder: dict[str, Any], device: torch.device) -> Captioner:
     retrieval = sections.get("retrieval")
-    retrieval = None if retrieval is None else Retrieval(Datastore.load(model_dir, device), retrieval)
+    retrieval = None if retrieval is None else Retrieval(Datastore.load(model_dir, encoder["embedding_dim"], device), retrieval)
     return _assemble(sections["lm"], sections["mapper"], retrieval, encoder, device)
 
 
@@ -193,5 +192,10 @@ def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval 
     return Captioner(build_mapper(mapper, encoder["embedding_dim"], lm.width).to(device), lm, retrieval)
 
 
-SECTIONS = ("clip", "lm", "mapper", "retrieval")
-register("viclipcap", Family("clip", SECTIONS, build, rebuild, view=lambda config: config.model_copy(update={"retrieval": None})))
+def captioner_family(encoder: str = "clip", view: Callable[[Config], Config] = lambda config: config) -> Family:
+    """This captioner reading feature store `encoder` under a `view` of the params: viclipcap and its variants
+    differ only in these."""
+    return Family(encoder, ("clip", "lm", "mapper", "retrieval"), build, rebuild, view=view, optional=("retrieval",))
+
+
+register("viclipcap", captioner_family(view=lambda config: config.model_copy(update={"retrieval": None})))

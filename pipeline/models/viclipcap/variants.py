@@ -14,8 +14,8 @@ reads them, so building, recording and reloading stay one code path.
 from __future__ import annotations
 
 from pipeline.config import Config
-from pipeline.models.base import REGISTRY, Family, register
-from pipeline.models.viclipcap.captioner import SECTIONS, build, rebuild
+from pipeline.models.base import REGISTRY, register
+from pipeline.models.viclipcap.captioner import captioner_family
 
 
 def _published(config: Config) -> Config:
@@ -31,6 +31,6 @@ def _scst(config: Config) -> Config:
     return REGISTRY[config.train.viclipcap_scst.start_from].view(config)
 
 
-register("viclipcap_rag", Family("clip", SECTIONS, build, rebuild))
-register("viclipcap_scst", Family("clip", SECTIONS, build, rebuild, view=_scst))
-register("viclipcap_published", Family("clip_published", SECTIONS, build, rebuild, view=_published))
+register("viclipcap_rag", captioner_family())
+register("viclipcap_scst", captioner_family(view=_scst))
+register("viclipcap_published", captioner_family("clip_published", view=_published))
