@@ -32,7 +32,7 @@ from pipeline.devices import Precision, autocast
 from pipeline.features import FeatureStore
 from pipeline.models.base import CaptionModel
 from pipeline.text import tokenize
-from pipeline.training import Optimisation
+from pipeline.training import Optimisation, stored_records
 
 
 @torch.inference_mode()
@@ -79,8 +79,7 @@ class ImageSet:
 
     @classmethod
     def build(cls, records: Sequence[ImageRecord], store: FeatureStore, device: torch.device) -> ImageSet:
-        stored = set(store.image_ids.tolist())
-        records = [r for r in records if r.image_id in stored]
+        records = stored_records(records, store)
         rows = store.positions([r.image_id for r in records])
         return cls(torch.from_numpy(store.read(rows)).to(device), CiderD(references(records)))
 

@@ -34,6 +34,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def stored_records(records: Sequence[ImageRecord], store: FeatureStore) -> list[ImageRecord]:
+    """The split's images that have features in `store`; refused where one is absent that extract did not
+    record as skipped (unreadable): the store is of other data."""
+    stored = set(store.image_ids.tolist())
+    skipped = set(store.attrs.get("skipped_ids", []))
+    absent = [r.image_id for r in records if r.image_id not in stored and r.image_id not in skipped]
+    if absent:
+        raise ViclipError(
+            f"{store.path}: no embedding for {len(absent)} images of the data split "
+            f"(e.g. id {absent[0]}); re-run `viclip extract`"
+        )
+    return [r for r in records if r.image_id in stored]
+
+
 @dataclass
 class CaptionSet:
     """Every caption of a split, tokenised once, padded once, on the device; the image features too where
@@ -49,15 +63,7 @@ class CaptionSet:
         cls, records: Sequence[ImageRecord], store: FeatureStore,
         encode: Callable[[list[str]], list[list[int]]], max_tokens: int | None, device: torch.device,
     ) -> CaptionSet:
-        stored = set(store.image_ids.tolist())
-        skipped = set(store.attrs.get("skipped_ids", []))
-        absent = [r.image_id for r in records if r.image_id not in stored and r.image_id not in skipped]
-        if absent:
-            raise ViclipError(
-                f"{store.path}: no embedding for {len(absent)} images of the data split "
-                f"(e.g. id {absent[0]}); re-run `viclip extract`"
-            )
-        records = [r for r in records if r.image_id in stored]
+        records = stored_records(records, store)
         captions = [c for r in records for c in r.captions]
         ids = encode(captions)
         longest = max(len(t) for t in ids)
