@@ -21,8 +21,10 @@ $(BIN)/viclip: requirements.lock pyproject.toml
 demo: $(BIN)/viclip
 	$(BIN)/viclip demo --workdir demo-run
 
+# Two workers: most tests wait on one thread (a fresh process importing torch, DVC); each test's own
+# training still uses every core. tests/conftest.py builds the demo once for both.
 test: $(BIN)/viclip
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # Every stage against the reference implementation, at full model size (BENCHMARKS.md).
 bench: $(BIN)/viclip

@@ -1,5 +1,9 @@
 """One expensive fixture: `viclip demo` run as a user runs it. Its synthetic data, tiny
-models, feature stores and trained model are then shared, read-only, by the other tests."""
+models, feature stores and trained model are then shared, read-only, by the other tests.
+
+`make test` runs the suite on two pytest-xdist workers: most tests wait on single-threaded work
+(a fresh `viclip` process importing torch, DVC), so two at a time keep both cores busy. The demo
+is built once for both, and the tests that do not need it run first, while it builds."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from contextlib import chdir
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from pipeline.config import Config, dump_config, load_config
 from pipeline.demo.synthetic import make_dataset
@@ -29,12 +34,27 @@ def viclip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*VICLIP, *args], cwd=cwd, capture_output=True, text=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: "demo" in getattr(item, "fixturenames", ()))  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("demo")
-    result = viclip("demo", "--workdir", str(workdir), cwd=workdir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    (workdir / "demo.out").write_text(result.stdout)
+    """The demo project, built by the first worker that needs it; the others wait for it (or its failure)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # each worker's base directory sits in the run's
+    workdir, failed = shared / "demo", shared / "demo.failed"
+    with FileLock(shared / "demo.lock"):
+        if failed.is_file():
+            pytest.fail(failed.read_text(), pytrace=False)
+        if not (workdir / "demo.out").is_file():
+            workdir.mkdir()
+            result = viclip("demo", "--workdir", str(workdir), cwd=workdir)
+            if result.returncode != 0:
+                failed.write_text(f"viclip demo failed:\n{result.stdout}{result.stderr}")
+                pytest.fail(failed.read_text(), pytrace=False)
+            (workdir / "demo.out").write_text(result.stdout)
     return workdir
 
 
