@@ -123,9 +123,12 @@ def test_the_several_machines_command_runs(project):
 def test_dvc_repro_on_two_processes_reruns_nothing_and_runs_a_stage_on_two(demo_copy, monkeypatch):
     monkeypatch.setenv("VICLIP_NPROC", "2")
     assert "Running stage" not in dvc(demo_copy, "repro")  # the number of processes is not a param
-    out = dvc(demo_copy, "repro", "--force", "--single-item", "train_viclipcap")
-    assert "Running stage 'train_viclipcap'" in out
-    assert json.loads((demo_copy / "artifacts/models/viclipcap/config.json").read_text())["processes"] == 2
+    # SCST: each rank samples for its share of a batch's images, every rank validates.
+    out = dvc(demo_copy, "repro", "--force", "--single-item", "train_viclipcap_scst")
+    assert "Running stage 'train_viclipcap_scst'" in out
+    spec = json.loads((demo_copy / "artifacts/models/viclipcap_scst/config.json").read_text())
+    assert spec["processes"] == 2 and spec["start_from"]["model"] == "viclipcap"
+    assert len((demo_copy / "artifacts/models/viclipcap_scst.csv").read_text().splitlines()) == 1 + spec["epochs"]
 
 
 def _kill_after_checkpoint(process: subprocess.Popen, checkpoint: Path) -> None:
@@ -139,37 +142,36 @@ def _kill_after_checkpoint(process: subprocess.Popen, checkpoint: Path) -> None:
     process.wait()
 
 
-@pytest.mark.parametrize(("model", "epochs"), [("viclipcap", 30), ("viclipcap_scst", 6)])  # an SCST epoch samples
-def test_train_resumes_after_sigkill_and_ends_as_an_uninterrupted_run(project, model, epochs):
-    edit(project, **{f"train__{model}__epochs": epochs, f"train__{model}__patience": epochs})
+def test_train_resumes_after_sigkill_and_ends_as_an_uninterrupted_run(project):
+    # Cross-entropy, then SCST from its model (whose first validation, of the starting model, the checkpoint keeps).
+    edit(project, train__viclipcap__epochs=30, train__viclipcap__patience=30,
+         train__viclipcap_scst__epochs=6, train__viclipcap_scst__patience=6)  # an SCST epoch samples: longer
     run("extract")
-    if model == "viclipcap_scst":
-        run("train")  # the cross-entropy model it starts from
-    run("train", "--model", model)
-    model_dir, checkpoint = project / f"artifacts/models/{model}", project / f"artifacts/models/.{model}.resume.pt"
-    uninterrupted = (model_dir / "mapper.safetensors").read_bytes()
-    spec = json.loads((model_dir / "config.json").read_text())
-    log = [line.rsplit(",", 1)[0] for line in (project / f"artifacts/models/{model}.csv").read_text().splitlines()]
-    assert not checkpoint.exists()  # a finished run leaves none behind
+    for model, epochs in (("viclipcap", 30), ("viclipcap_scst", 6)):
+        run("train", "--model", model)
+        model_dir, checkpoint = project / f"artifacts/models/{model}", project / f"artifacts/models/.{model}.resume.pt"
+        uninterrupted = (model_dir / "mapper.safetensors").read_bytes()
+        spec = json.loads((model_dir / "config.json").read_text())
+        log = [line.rsplit(",", 1)[0] for line in (project / f"artifacts/models/{model}.csv").read_text().splitlines()]
+        assert not checkpoint.exists()  # a finished run leaves none behind
 
-    # As DVC does before running the stage: the outputs are gone.
-    for path in (model_dir / "mapper.safetensors", model_dir / "config.json", model_dir / "params.yaml"):
-        path.unlink()
-    model_dir.rmdir()
-    _kill_after_checkpoint(start("train", "--model", model), checkpoint)
-    assert not model_dir.exists(), "the run finished before it was killed: nothing was tested"
+        # As DVC does before running the stage: the outputs are gone.
+        for path in (model_dir / "mapper.safetensors", model_dir / "config.json", model_dir / "params.yaml"):
+            path.unlink()
+        model_dir.rmdir()
+        _kill_after_checkpoint(start("train", "--model", model), checkpoint)
+        assert not model_dir.exists(), "the run finished before it was killed: nothing was tested"
 
-    resumed = run("train", "--model", model)
-    assert "resuming after epoch" in resumed.stderr
-    assert int(resumed.stderr.split("resuming after epoch ")[1].split()[0]) < epochs
-    assert (model_dir / "mapper.safetensors").read_bytes() == uninterrupted
-    again = [line.rsplit(",", 1)[0] for line in (project / f"artifacts/models/{model}.csv").read_text().splitlines()]
-    assert again == log  # every epoch's figures and learning rate, to the last digit
-    # What the record says of the starting model (SCST's start_val_cider) comes from the checkpoint.
-    resumed_spec = json.loads((model_dir / "config.json").read_text())
-    assert {k: v for k, v in resumed_spec.items() if k != "train_seconds"} == \
-        {k: v for k, v in spec.items() if k != "train_seconds"}
-    assert not checkpoint.exists()
+        resumed = run("train", "--model", model)
+        assert "resuming after epoch" in resumed.stderr
+        assert int(resumed.stderr.split("resuming after epoch ")[1].split()[0]) < epochs
+        assert (model_dir / "mapper.safetensors").read_bytes() == uninterrupted
+        again = [line.rsplit(",", 1)[0] for line in (project / f"artifacts/models/{model}.csv").read_text().splitlines()]
+        assert again == log  # every epoch's figures and learning rate, to the last digit
+        resumed_spec = json.loads((model_dir / "config.json").read_text())
+        assert {k: v for k, v in resumed_spec.items() if k != "train_seconds"} == \
+            {k: v for k, v in spec.items() if k != "train_seconds"}
+        assert not checkpoint.exists()
 
 
 def test_a_checkpoint_of_other_settings_is_ignored(project):
