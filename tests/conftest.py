@@ -35,7 +35,9 @@ def viclip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: "demo" in getattr(item, "fixturenames", ()))  # stable: file order otherwise
+    """Tests without the demo first (they run while it builds), the slow ones of each kind first (so that the
+    workers' last tests are short); file order otherwise."""
+    items.sort(key=lambda item: ("demo" in getattr(item, "fixturenames", ()), item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session")

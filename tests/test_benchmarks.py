@@ -8,6 +8,7 @@ import sys
 from contextlib import chdir
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import reference
@@ -58,6 +59,7 @@ def test_reference_beam_search_finds_viclips_captions(demo, config):
         assert (theirs[: theirs.index(stop)] if stop in theirs else theirs) == tokens
 
 
+@pytest.mark.slow
 def test_the_benchmark_command_writes_its_results(tmp_path):
     out = tmp_path / "results.json"
     command = ["--only", "score", "--out", str(out), "--precision", "fp16"]  # fp16: no device's own policy here
@@ -86,6 +88,7 @@ def test_segmentation_agreement_counts_words_by_their_syllable_spans(tmp_path):
     assert "học sinh  ->  học_sinh  (1)" in off
 
 
+@pytest.mark.slow
 def test_the_load_case_answers_every_request_at_every_level(demo, monkeypatch):
     """benchmarks.load against a real server on loopback, at a few requests a level (the client counts them)."""
     from benchmarks import load

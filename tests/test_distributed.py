@@ -24,6 +24,7 @@ from pipeline.config import dump_config, load_config
 from pipeline.demo import dvc
 from tests.conftest import VICLIP
 
+pytestmark = pytest.mark.slow
 FP32 = {"VICLIP_PRECISION": "fp32"}  # this CPU would pick bf16; the comparisons are in fp32
 
 

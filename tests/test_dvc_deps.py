@@ -32,8 +32,11 @@ import time
 from pathlib import Path
 from typing import IO
 
+import pytest
+
 from pipeline.config import dump_config, load_config, yaml_parser
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs `viclip ARGS...` as pipeline.cli.main() under the trace, then prints what ran and what was

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 import pipeline.chunks
@@ -140,6 +141,7 @@ def test_chunks_that_cannot_be_trusted_are_encoded_again(project):
     assert_same_store(store(project), store(project, out="reference"))
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_chunks_and_write_the_one_process_store(project):
     chunked(project)
     (project / "ktvic/train-images/000003.jpg").write_text("not a picture")

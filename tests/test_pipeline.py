@@ -57,6 +57,7 @@ def test_a_models_training_params_are_a_param_of_its_training_alone():
         assert readers == {f"train_{model}"}, model
 
 
+@pytest.mark.slow
 # The cascade (SCST starts from viclipcap) and a branch of its own; the test above covers the other models.
 @pytest.mark.parametrize("model", sorted(RERUNS))
 def test_one_models_training_params_rerun_only_its_branch(demo_copy, model):

@@ -263,6 +263,7 @@ def check_all(root: Path, device: torch.device, reference_device: torch.device =
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check on a GPU machine)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests below run the same check for real")
 def test_the_check_itself_runs_cpu_against_cpu(tmp_path):
     """CI has no GPU: this keeps the check's own code running against today's pipeline."""
