@@ -82,16 +82,16 @@ class Datastore:
         try:
             tensors = load_file(str(directory / EMBEDDINGS))
             raw = json.loads((directory / CAPTIONS).read_text(encoding="utf-8"))
-            store = cls(tensors["embeddings"].to(device), tensors["image_ids"].tolist(), raw["captions"], raw["source"])
-            images = len(store.image_ids)
+            datastore = cls(tensors["embeddings"].to(device), tensors["image_ids"].tolist(), raw["captions"], raw["source"])
+            images = len(datastore.image_ids)
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, not {FORMAT!r}")
-            if len(store.captions) != images or store.embeddings.shape != (images, width):
+            if len(datastore.captions) != images or datastore.embeddings.shape != (images, width):
                 raise ValueError(f"{images} images want {images} captions and {images}x{width} embeddings; it holds "
-                                 f"{len(store.captions)} captions and {'x'.join(map(str, store.embeddings.shape))} embeddings")
+                                 f"{len(datastore.captions)} captions and {'x'.join(map(str, datastore.embeddings.shape))} embeddings")
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
             raise ViclipError(f"{directory}: unreadable retrieval datastore ({str(error).splitlines()[0]})") from None
-        return store
+        return datastore
 
 
 def _unit(embeddings: torch.Tensor) -> torch.Tensor:
