@@ -34,11 +34,10 @@ from pipeline.data import ImageRecord
 from pipeline.decoding import beam_search
 from pipeline.encoders import encode_files
 from pipeline.features import FeatureStore, open_store, write_store
-from pipeline.models import cnn_lstm
+from pipeline.models import cnn_lstm, family
 from pipeline.metrics import score_captions
 from pipeline.config import ScstSettings, TrainSettings
 from pipeline.devices import FEATURE_BUDGET, autocast
-from pipeline.models import family
 from pipeline.models.base import trainable_parameters
 from pipeline.models.viclipcap import Captioner
 from pipeline.models.viclipcap.mapper import build_mapper
