@@ -98,6 +98,7 @@ def scst_epoch(
     order = torch.randperm(len(data), generator=generator)
     total, drawn = 0.0, 0
     steps = -(-len(data) // settings.batch_size)
+    limit = token_limit(model, settings.max_length)
     for start in tqdm(range(0, len(data), settings.batch_size), total=steps, desc=description,
                       disable=distributed.progress_disabled()):
         batch = order[start : start + settings.batch_size]
@@ -106,7 +107,7 @@ def scst_epoch(
         features = data.features[images.to(data.features.device)]
         model.eval()  # sampling draws from the model as it decodes
         with autocast(features.device, optimisation.policy):
-            tokens, lengths = sample(model, features, settings.samples, token_limit(model, settings.max_length))
+            tokens, lengths = sample(model, features, settings.samples, limit)
         texts = [tokenize(model.decode(row[:n].tolist())) for row, n in zip(tokens.cpu(), lengths.tolist())]
         rewards = data.cider.scores(texts, np.repeat(images.numpy(), settings.samples))
         rewards = torch.tensor(rewards, dtype=torch.float32, device=features.device).view(len(images), -1)
