@@ -18,8 +18,8 @@ from typing import get_args
 import torch
 
 from benchmarks.suite import SCALING, VARIANTS, VariantSize
-from pipeline.devices import Precision, best_device, hardware, precision
-from pipeline.io import write_json
+from pipeline.core.devices import Precision, best_device, hardware, precision
+from pipeline.core.io import write_json
 
 STAGES = ("extract", "train", "decode", "score", "scaling", "processes", "streaming", "serve", "variants")
 STREAMED_IMAGES = 2_000  # CNN grids in the streaming case: 400 MB of float16, which fits this machine

@@ -7,8 +7,8 @@ import sys
 
 from benchmarks.measure import measure
 from benchmarks.suite import CASES
-from pipeline import distributed
-from pipeline.devices import best_device
+from pipeline.core import distributed
+from pipeline.core.devices import best_device
 
 
 def run(stage: str, impl: str, *sizes: str) -> dict:

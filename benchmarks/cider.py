@@ -1,4 +1,4 @@
-"""`python -m benchmarks.cider`: one self-critical step's rewards, pipeline.cider.CiderD against
+"""`python -m benchmarks.cider`: one self-critical step's rewards, pipeline.training.cider.CiderD against
 pycocoevalcap's CiderScorer.
 
 The step scores 40 images x 5 sampled captions against a corpus the size of KTVIC's training split
@@ -21,7 +21,7 @@ import torch
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from benchmarks.measure import measure
-from pipeline.cider import CiderD
+from pipeline.training.cider import CiderD
 
 COUNTS = ("một", "hai", "ba", "nhiều", "một nhóm", "một vài")
 THINGS = ("người đàn ông", "người phụ nữ", "đứa trẻ", "cô gái", "cậu bé", "chiếc xe máy", "con chó", "chiếc thuyền",
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures["ratio"] = figures["pycocoevalcap"] / figures["viclip"]
     print(f"CIDEr-D of {len(candidates)} candidates ({args.images} images x {args.samples}), "
           f"corpus {args.corpus:,} images x 5 references, median of {args.repeats} runs:\n"
-          f"  pipeline.cider.CiderD.scores (df from the corpus)      {figures['viclip'] * 1e3:8.2f} ms\n"
+          f"  pipeline.training.cider.CiderD.scores (df from the corpus)      {figures['viclip'] * 1e3:8.2f} ms\n"
           f"  pycocoevalcap CiderScorer (df from the batch)          {figures['pycocoevalcap'] * 1e3:8.2f} ms\n"
           f"  ratio                                                  {figures['ratio']:8.1f}x\n"
           f"  CiderD(corpus), once before training                   {figures['build']:8.2f} s")

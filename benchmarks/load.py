@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from pipeline.paths import MODELS
+from pipeline.core.names import MODELS
 
 LEVELS = (1, 8, 32)  # concurrent clients
 # Requests at each level: enough rounds for a stable rate on the tiny models, one per client at full size.
@@ -49,9 +49,9 @@ class TokenIds:
 
 
 def served(models: str, project: Path | None):
-    from pipeline.config import load_config
-    from pipeline.devices import best_device
-    from pipeline.inference import LoadedModel
+    from pipeline.core.config import load_config
+    from pipeline.core.devices import best_device
+    from pipeline.decoding.inference import LoadedModel
     from pipeline.models import ModelSpec
     from pipeline.serve import Served, load_served
 

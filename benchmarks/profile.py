@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import workload
 from benchmarks.suite import _viclip_epoch, caption_set
-from pipeline.devices import Precision, best_device, hardware, precision
+from pipeline.core.devices import Precision, best_device, hardware, precision
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.models.viclipcap import Captioner
 from pipeline.encoders.clip import ClipEncoder
+from pipeline.models.viclipcap import Captioner
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@
 PATH is an annotation file in KTVIC's format (JSON, `annotations[*].segment_caption`,
 the syllables of one word joined by "_") or a plain-text file holding one such
 segmented sentence per line. Each reference word goes through the scoring
-protocol's normalisation (pipeline.text.tokenize: NFC, lowercase, punctuation to
+protocol's normalisation (pipeline.evaluation.text.protocol_text: NFC, lowercase, punctuation to
 spaces); the sentence's syllables are then segmented by underthesea's
 word_tokenize and the words compared by their syllable spans: a word counts as
 correct when the reference has a word over exactly the same syllables.
@@ -17,7 +17,7 @@ out, and counted: a reference with punctuation inside a word ("10-9", "500.000")
 which the normalisation splits into syllables the reference never separated, and
 a sentence whose syllables underthesea's output still does not reproduce.
 
-Segments with the word protocol's own function (pipeline.protocols.words). Prints
+Segments with the word protocol's own function (pipeline.evaluation.protocols.words). Prints
 figures and asserts nothing.
 """
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from pipeline.protocols import words
-from pipeline.text import tokenize
+from pipeline.evaluation.protocols import words
+from pipeline.evaluation.text import protocol_text
 
 Words = list[list[str]]  # a sentence: its words, each a list of syllables
 
@@ -48,7 +48,7 @@ def reference_words(segmented: str) -> Words | None:
     punctuation sits inside a syllable of a word."""
     words = []
     for token in segmented.split():
-        pieces = [tokenize(piece).split() for piece in token.split("_")]
+        pieces = [protocol_text(piece).split() for piece in token.split("_")]
         if any(len(piece) > 1 for piece in pieces):
             return None
         if word := [syllable for piece in pieces for syllable in piece]:

@@ -28,21 +28,24 @@ from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import reference, workload
 from benchmarks.cider import corpus
-from pipeline import distributed, scst
-from pipeline.cider import CiderD
-from pipeline.data import ImageRecord
-from pipeline.decoding import beam_search
-from pipeline.encoders import encode_files
-from pipeline.features import FeatureStore, open_store, write_store
+from pipeline.core import distributed
+from pipeline.core.config import ScstSettings, TrainSettings
+from pipeline.core.devices import FEATURE_BUDGET, autocast
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.features import FeatureStore, open_store, write_store
+from pipeline.decoding.beam import beam_search
+from pipeline.encoders.images import encode_files
+from pipeline.evaluation.metrics import score_captions
 from pipeline.models import cnn_lstm, family
-from pipeline.metrics import score_captions
-from pipeline.config import ScstSettings, TrainSettings
-from pipeline.devices import FEATURE_BUDGET, autocast
 from pipeline.models.base import trainable_parameters
 from pipeline.models.viclipcap import Captioner
 from pipeline.models.viclipcap.mapper import build_mapper
-from pipeline.retrieval import Retrieval
-from pipeline.training import CaptionSet, Optimisation, train_epoch
+from pipeline.models.viclipcap.retrieval import Retrieval
+from pipeline.training import scst
+from pipeline.training.batches import CaptionSet
+from pipeline.training.cider import CiderD
+from pipeline.training.cross_entropy import train_epoch
+from pipeline.training.optimisation import Optimisation
 
 # (viclip, reference) workload sizes, in images, per device type.
 SIZES = {
@@ -256,7 +259,7 @@ def _megabytes(data: CaptionSet) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-# The variants timed, each MODEL[:LM_TRAIN]: a model of pipeline.paths.MODELS as params.yaml defines it,
+# The variants timed, each MODEL[:LM_TRAIN]: a model of pipeline.core.names.MODELS as params.yaml defines it,
 # or with its lm.train replaced. The first, cross-entropy with the LM frozen, is the reference.
 VARIANTS = ("viclipcap", "viclipcap_rag", "viclipcap_scst", "viclipcap:lora", "viclipcap_published")
 

@@ -21,15 +21,15 @@ from PIL import Image
 
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.models.viclipcap import Captioner
+from pipeline.core.config import LmTrain, load_config
+from pipeline.data.annotations import ImageRecord
+from pipeline.demo.tiny import train_tokenizer
 from pipeline.encoders.base import encoding_precision
 from pipeline.encoders.clip import ClipEncoder
-from pipeline.config import LmTrain, load_config
-from pipeline.data import ImageRecord
-from pipeline.demo.tiny import train_tokenizer
+from pipeline.models.viclipcap import Captioner
 from pipeline.models.viclipcap.lm import LanguageModel, fuse_activations, set_up_lm
 from pipeline.models.viclipcap.mapper import build_mapper
-from pipeline.retrieval import Datastore
+from pipeline.models.viclipcap.retrieval import Datastore
 
 CAPTIONS_PER_IMAGE = 5
 TEST_IMAGES = 558  # KTVIC's test split

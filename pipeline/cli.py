@@ -14,12 +14,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline import distributed, paths
-from pipeline.config import Config, load_config
-from pipeline.data import SPLITS
-from pipeline.errors import ViclipError
-from pipeline.paths import ENCODERS, MODELS
-from pipeline.protocols import SETTINGS
+from pipeline.core import distributed, paths
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import ViclipError
+from pipeline.core.names import ENCODERS, MODELS
+from pipeline.data.annotations import SPLITS
+from pipeline.evaluation.protocols import SETTINGS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -98,8 +98,8 @@ def score(
     params: Params = Path("params.yaml"),
 ) -> None:
     """Stage 3: decode the test split with a trained model and score it (or score --captions FILE)."""
-    from pipeline.io import write_json
-    from pipeline.metrics import METRICS, blocks, format_tables
+    from pipeline.core.io import write_json
+    from pipeline.evaluation.metrics import METRICS, blocks, format_tables
     from stages import score as stage
 
     _choice("--model", model, MODELS)
@@ -145,7 +145,7 @@ def caption(
     params: Params = Path("params.yaml"),
 ) -> None:
     """Caption new image files with a trained model, many at once; one line per image."""
-    from pipeline.inference import caption_files
+    from pipeline.decoding.inference import caption_files
 
     _choice("--model", model, MODELS)
     with _clear_errors():

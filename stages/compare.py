@@ -1,6 +1,6 @@
 """Stage 4: the models side by side, as Markdown tables (one per scoring protocol) and a bar chart.
 
-It reports every model in `paths.MODELS` that has been scored: a model with a metrics file is
+It reports every model in `MODELS` that has been scored: a model with a metrics file is
 in the report, one without (trained but not scored, or not trained) is left out and named in
 the summary. A metrics file whose model directory is missing is an error, not a skip: the report
 would show figures it cannot trace to a trained model, nor give that model's costs.
@@ -8,13 +8,14 @@ would show figures it cannot trace to a trained model, nor give that model's cos
 
 from __future__ import annotations
 
-from pipeline import paths
-from pipeline.config import Config
-from pipeline.errors import ViclipError
-from pipeline.io import read_json, write_text
-from pipeline.metrics import shared_protocols
+from pipeline.core import paths
+from pipeline.core.config import Config
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import read_json, write_text
+from pipeline.core.names import MODELS
+from pipeline.evaluation.metrics import shared_protocols
+from pipeline.evaluation.report import bar_chart, comparison_markdown, display_order
 from pipeline.models import read_spec
-from pipeline.report import bar_chart, comparison_markdown, display_order
 
 
 def run(config: Config) -> str:
@@ -32,6 +33,6 @@ def run(config: Config) -> str:
     shared, _ = shared_protocols(metrics)  # as the report's tables, which refused any disagreement above
     cider = "; ".join(f"{protocol} " + ", ".join(f"{m} {block['cider']:.4f}" for m, block in held.items())
                       for protocol, held in shared.items())
-    unscored = [m for m in paths.MODELS if m not in names]
+    unscored = [m for m in MODELS if m not in names]
     left_out = f" (not scored, so left out: {', '.join(unscored)})" if unscored else ""
     return f"compare: CIDEr {cider}{left_out} -> {paths.report_path(config)}, {chart}"

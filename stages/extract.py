@@ -1,5 +1,5 @@
 """Stage 1: run a frozen image encoder (CLIP, or the baseline's CNN) once over every image; write its HDF5
-feature store. The images are encoded in chunks (pipeline.chunks): a killed run resumes, and under torchrun
+feature store. The images are encoded in chunks (pipeline.data.chunks): a killed run resumes, and under torchrun
 the ranks share them; the main rank then writes the store."""
 
 from __future__ import annotations
@@ -10,19 +10,19 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from pipeline import distributed, paths
-from pipeline.chunks import SplitChunks
-from pipeline.config import Config, dump_config
-from pipeline.data import SPLITS, load_splits
-from pipeline.devices import best_device
+from pipeline.core import distributed, names, paths
+from pipeline.core.config import Config, dump_config
+from pipeline.core.devices import best_device
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import write_text
+from pipeline.data.annotations import SPLITS, load_splits
+from pipeline.data.chunks import SplitChunks
+from pipeline.data.features import write_store
 from pipeline.encoders import encoder_attrs, load_encoder
-from pipeline.errors import ViclipError
-from pipeline.features import write_store
-from pipeline.io import write_text
 
 
 def run(
-    config: Config, splits: Sequence[str] = SPLITS, skip_bad_images: bool = False, encoder_name: str = paths.ENCODER
+    config: Config, splits: Sequence[str] = SPLITS, skip_bad_images: bool = False, encoder_name: str = names.ENCODER
 ) -> str:
     started = time.perf_counter()
     skip_bad_images = skip_bad_images or config.extract.skip_bad_images

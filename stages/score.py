@@ -8,69 +8,21 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed, paths
-from pipeline.config import Config
-from pipeline.data import load_splits
-from pipeline.decoding import caption_features
-from pipeline.devices import best_device
-from pipeline.errors import ViclipError
-from pipeline.features import FeatureStore, open_store
-from pipeline.io import read_json, write_json
-from pipeline.metrics import laid_out, score_captions
+from pipeline.core import distributed, names, paths
+from pipeline.core.config import Config
+from pipeline.core.devices import best_device
+from pipeline.core.io import write_json
+from pipeline.data.features import open_store
+from pipeline.decoding.beam import caption_features
+from pipeline.evaluation.metrics import laid_out, score_captions
+from pipeline.evaluation.protocols import chosen
+from pipeline.evaluation.results import stored, test_references
 from pipeline.models import family, load_model
-from pipeline.protocols import chosen
 
 UNFINISHED_WARNING = 0.05  # the share of captions cut at max_length that says the model does not stop
 
 
-def test_references(config: Config) -> dict[int, list[str]]:
-    return {r.image_id: list(r.captions) for r in load_splits(config.data)["test"]}
-
-
-def read_results(path: str | Path) -> dict[int, str]:
-    """A COCO results file: a JSON list of {"image_id", "caption"}."""
-    path = Path(path)
-    raw = read_json(path)
-    if not isinstance(raw, list):
-        raise ViclipError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}}")
-    results: dict[int, str] = {}
-    for n, entry in enumerate(raw):
-        if not (isinstance(entry, dict) and isinstance(entry.get("image_id"), int)
-                and isinstance(entry.get("caption"), str)):
-            raise ViclipError(f"{path}: entry {n} needs an integer 'image_id' and a string 'caption'")
-        if entry["image_id"] in results:
-            raise ViclipError(f"{path}: entry {n}: second caption for image id {entry['image_id']}")
-        results[entry["image_id"]] = entry["caption"]
-    return results
-
-
-def stored(references: dict[int, list[str]], store: FeatureStore) -> dict[int, list[str]]:
-    """The references of the images in `store`: those `viclip score` decodes (extraction may skip some)."""
-    ids = set(store.image_ids.tolist())
-    return {i: refs for i, refs in references.items() if i in ids}
-
-
-def score_file(config: Config, captions_file: str | Path, protocol: str | None = None) -> dict:
-    """Score an existing results file against the test references, without decoding, under `protocol`
-    (default: score.protocol).
-
-    Where a CLIP store of the test split exists, only its images are scored (the set `viclip score`
-    decodes): captions of images that extraction skipped as unreadable are dropped and counted."""
-    references = test_references(config)
-    predictions = read_results(captions_file)
-    dropped: list[int] = []
-    store = paths.store_path(config, "test")
-    if store.is_file():
-        scored = stored(references, open_store(store, {}))
-        dropped = [i for i in predictions if i in references and i not in scored]
-        references = scored
-        predictions = {i: c for i, c in predictions.items() if i not in dropped}
-    by_protocol = score_captions(references, predictions, chosen(protocol or config.score.protocol),
-                                 str(captions_file))
-    return laid_out(by_protocol, model=Path(captions_file).name, split="test", images=len(references), dropped=len(dropped))
-
-
-def run(config: Config, model_name: str = paths.MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
+def run(config: Config, model_name: str = names.MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
     """Decode the test split with a trained model and score it; `model_dir` overrides where it is read from.
 
     Under torchrun each rank decodes its share of whole batches, streamed from the store; the main rank

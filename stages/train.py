@@ -5,7 +5,7 @@ figure after every epoch, the best epoch's weights kept, and early stopping afte
 without a better one. The objective is cross-entropy (validation loss, lower is better), or for an
 SCST model self-critical training from the model it starts from (validation CIDEr-D, higher is
 better; the starting model is epoch 0). A variant trains under its own view of the params. Each epoch
-ends with a checkpoint (pipeline/checkpoint.py), so a killed run resumes where it was. Under torchrun
+ends with a checkpoint (pipeline/training/checkpoint.py), so a killed run resumes where it was. Under torchrun
 what is trained is wrapped in DistributedDataParallel; the main rank writes.
 """
 
@@ -18,18 +18,22 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import checkpoint, distributed, paths
-from pipeline.config import Config, ScstSettings, dump_config
-from pipeline.data import load_splits
-from pipeline.devices import best_device, hardware
+from pipeline.core import distributed, names, paths
+from pipeline.core.config import Config, ScstSettings, dump_config
+from pipeline.core.devices import best_device, hardware
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import atomic_path, write_json, write_text
+from pipeline.data.annotations import load_splits
+from pipeline.data.features import FeatureStore, open_store
 from pipeline.encoders import encoder_attrs
-from pipeline.errors import ViclipError
-from pipeline.features import FeatureStore, open_store
-from pipeline.io import atomic_path, write_json, write_text
 from pipeline.models import CONFIG, check_record, family, read_spec, spec_for
 from pipeline.models.base import load_trained_state, trainable_parameters, trained_state
-from pipeline.scst import ImageSet, SelfCritical
-from pipeline.training import CaptionSet, CrossEntropy, Optimisation, seed_everything
+from pipeline.training import checkpoint
+from pipeline.training.batches import CaptionSet
+from pipeline.training.checkpoint import seed_everything
+from pipeline.training.cross_entropy import CrossEntropy
+from pipeline.training.optimisation import Optimisation
+from pipeline.training.scst import ImageSet, SelfCritical
 
 PRECISION_NOTES = {"bf16": "bf16 autocast", "fp16": "fp16 autocast, gradient scaler", "fp32": "fp32"}
 
@@ -65,7 +69,7 @@ def _start_from(config: Config, model: torch.nn.Module, name: str, encoder: dict
     return {"model": name, "weights": f"sha256:{digest}", **{k: spec.extra.get(k) for k in ("val_loss", "best_epoch")}}
 
 
-def run(config: Config, model_name: str = paths.MODEL) -> str:
+def run(config: Config, model_name: str = names.MODEL) -> str:
     started = time.perf_counter()
     recipe = family(model_name)
     params, config = config, recipe.view(config)  # as params.yaml says, and as this model reads them

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from pipeline.config import Config, dump_config, load_config
+from pipeline.core.config import Config, dump_config, load_config
+from pipeline.core.names import MODELS
 from pipeline.demo.synthetic import make_dataset
-from pipeline.paths import MODELS
 
 VICLIP = [sys.executable, "-m", "pipeline.cli"]
 

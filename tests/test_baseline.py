@@ -11,15 +11,16 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline import metrics, paths
 from pipeline.cli import app
+from pipeline.core import names, paths
+from pipeline.core.config import load_config
+from pipeline.core.errors import ViclipError
+from pipeline.data.annotations import load_splits
 from pipeline.encoders.cnn import load_cnn
+from pipeline.evaluation import metrics
+from pipeline.evaluation.report import display_name, read_markdown_table
+from pipeline.evaluation.text import protocol_text
 from pipeline.models.cnn_lstm import END, SPECIALS, UNK, Vocabulary
-from pipeline.config import load_config
-from pipeline.data import load_splits
-from pipeline.errors import ViclipError
-from pipeline.text import tokenize
-from pipeline.report import display_name, read_markdown_table
 from stages import score
 
 CPU = torch.device("cpu")
@@ -59,7 +60,7 @@ def test_the_trained_vocabulary_comes_from_training_captions_only(project):
     splits = load_splits(config.data)
     counts: dict[str, int] = {}
     for caption in (c for r in splits["train"] for c in r.captions):
-        for syllable in tokenize(caption).split():
+        for syllable in protocol_text(caption).split():
             counts[syllable] = counts.get(syllable, 0) + 1
     assert set(vocab.tokens) - set(SPECIALS) == {s for s, n in counts.items() if n >= config.lstm.min_count}
     assert "kỳlân" not in vocab.tokens
@@ -93,12 +94,12 @@ def test_both_models_are_scored_by_the_same_call(demo, config, monkeypatch, tmp_
     monkeypatch.setattr(metrics, "score_tokenized", spy)
     rescored = config.model_copy(update={"score": config.score.model_copy(update={"out": str(tmp_path)})})
     with chdir(demo):
-        for model in paths.MODELS:
+        for model in names.MODELS:
             fresh, _ = score.run(rescored, model)
             stored = json.loads(paths.metrics_path(config, model).read_text())
             assert fresh == stored  # decoding is deterministic, so the pipeline's file is this call's result
     # Per model, one call per protocol (syllable, then word): the same references, tokenised the same way.
-    assert len(calls) == 2 * len(paths.MODELS)
+    assert len(calls) == 2 * len(names.MODELS)
     assert all(gts == calls[i % 2][0] for i, (gts, _) in enumerate(calls))
     assert calls[0][0] != calls[1][0] and any("_" in ref for refs in calls[1][0].values() for ref in refs)
 
@@ -107,7 +108,7 @@ def test_the_comparison_tables_say_what_the_metrics_files_say(demo):
     markdown = (demo / "artifacts/report/comparison.md").read_text()
     for protocol in ("syllable", "word"):
         table = read_markdown_table(markdown, protocol)
-        for model, name in ((m, display_name(m)) for m in paths.MODELS):
+        for model, name in ((m, display_name(m)) for m in names.MODELS):
             scores = json.loads((demo / f"artifacts/metrics/{model}.json").read_text())
             scores = scores if protocol == "syllable" else scores["word"]
             assert table[name] == {k: None if scores[k] is None else round(scores[k], 4) for k in table[name]}
@@ -115,7 +116,7 @@ def test_the_comparison_tables_say_what_the_metrics_files_say(demo):
 
 
 def test_compare_runs_on_word_only_metrics_files(demo_copy, monkeypatch):
-    for model in paths.MODELS:  # as `score.protocol: word` writes them: no syllable figures at the top level
+    for model in names.MODELS:  # as `score.protocol: word` writes them: no syllable figures at the top level
         path = demo_copy / f"artifacts/metrics/{model}.json"
         scores = json.loads(path.read_text())
         path.write_text(json.dumps({k: v for k, v in scores.items() if k not in metrics.METRICS and k != "protocol"}))

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from benchmarks import reference
-from pipeline import paths
-from pipeline.decoding import beam_search
+from pipeline.core import names, paths
+from pipeline.data.annotations import load_splits
+from pipeline.data.features import open_store
+from pipeline.decoding.beam import beam_search
 from pipeline.encoders.clip import load_clip
-from pipeline.data import load_splits
-from pipeline.encoders import encode_files
-from pipeline.features import open_store
+from pipeline.encoders.images import encode_files
 from pipeline.models import load_model
 
 CPU = torch.device("cpu")
@@ -96,7 +96,7 @@ def test_the_load_case_answers_every_request_at_every_level(demo, monkeypatch):
     monkeypatch.setitem(load.REQUESTS, "demo", {1: 2, 8: 8, 32: 32})
     for mode in load.MODES:
         case = load.run_case("demo", mode, demo)
-        assert case["served"] == list(paths.MODELS)
+        assert case["served"] == list(names.MODELS)
         levels = case["levels"]
         assert [(level["concurrency"], level["requests"], level["error_count"]) for level in levels] == [
             (1, 2, 0), (8, 8, 0), (32, 32, 0)]
@@ -105,7 +105,7 @@ def test_the_load_case_answers_every_request_at_every_level(demo, monkeypatch):
 
 def test_the_streaming_case_trains_the_baseline_from_disk_or_from_memory(monkeypatch):
     from benchmarks import suite
-    from pipeline.devices import FEATURE_BUDGET
+    from pipeline.core.devices import FEATURE_BUDGET
 
     monkeypatch.setenv(FEATURE_BUDGET, "")  # the disk case sets it; restored after the test
     for impl, streamed in (("memory", False), ("disk", True)):

@@ -1,4 +1,4 @@
-"""pipeline.cider.CiderD gives pycocoevalcap's CIDEr-D, with document frequencies from the batch or a corpus."""
+"""pipeline.training.cider.CiderD gives pycocoevalcap's CIDEr-D, with document frequencies from the batch or a corpus."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from benchmarks.cider import captions, corpus
-from pipeline.cider import CiderD
+from pipeline.training.cider import CiderD
 
 
 def with_edge_cases(references: list[list[str]], candidates: list[str]) -> list[str]:

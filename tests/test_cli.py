@@ -13,8 +13,8 @@ from skimage import data as photos
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.paths import MODELS
-from pipeline.config import dump_config, load_config
+from pipeline.core.config import dump_config, load_config
+from pipeline.core.names import MODELS
 
 
 def invoke(*args: str):
@@ -162,7 +162,7 @@ def test_bad_image_files_are_all_listed_and_nothing_is_written(project):
     assert not store.exists() or not any(store.iterdir())
 
     assert invoke("extract", "--skip-bad-images").exit_code == 0
-    from pipeline.features import open_store
+    from pipeline.data.features import open_store
 
     written = {split: open_store(store / f"{split}.h5", {}) for split in ("train", "val")}
     skipped = written["train"].attrs["skipped_ids"] + written["val"].attrs["skipped_ids"]

@@ -8,11 +8,11 @@ import unicodedata
 import pytest
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.data import load_splits
-from pipeline.models.viclipcap.lm import load_lm
+from pipeline.core.config import DataConfig
+from pipeline.data.annotations import load_splits
 from pipeline.demo.synthetic import make_dataset
 from pipeline.demo.tiny import make_tiny_lm
+from pipeline.models.viclipcap.lm import load_lm
 
 
 @pytest.mark.parametrize("layout", ["original", "repackaged"])

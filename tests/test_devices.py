@@ -10,9 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import devices, training
 from pipeline.cli import app
-from pipeline.errors import ViclipError
+from pipeline.core import devices
+from pipeline.core.errors import ViclipError
+from pipeline.training import optimisation
 
 CUDA = torch.device("cuda")
 
@@ -72,15 +73,15 @@ def test_a_bad_viclip_precision_is_a_one_line_error(monkeypatch):
 @pytest.mark.parametrize("policy, recorded", [("fp16", "fp16 autocast, gradient scaler"), ("fp32", "fp32")])
 def test_training_under_each_policy(project, monkeypatch, policy, recorded):
     """fp16 as on a T4 (autocast, a gradient scaler, clipping after unscaling), here on the CPU."""
-    monkeypatch.setattr(training, "precision", lambda device: policy)
+    monkeypatch.setattr(optimisation, "precision", lambda device: policy)
     built = []
-    real_build = training.Optimisation.build.__func__
+    real_build = optimisation.Optimisation.build.__func__
 
     def build(cls, *args):
         built.append(real_build(cls, *args))
         return built[-1]
 
-    monkeypatch.setattr(training.Optimisation, "build", classmethod(build))
+    monkeypatch.setattr(optimisation.Optimisation, "build", classmethod(build))
     runner = CliRunner()
     for args in (("extract",), ("extract", "--encoder", "cnn")):
         assert runner.invoke(app, list(args)).exit_code == 0

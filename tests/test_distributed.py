@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from pipeline.config import dump_config, load_config
+from pipeline.core.config import dump_config, load_config
 from pipeline.demo import dvc
 from tests.conftest import VICLIP
 

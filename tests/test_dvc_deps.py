@@ -34,7 +34,7 @@ from typing import IO
 
 import pytest
 
-from pipeline.config import dump_config, load_config, yaml_parser
+from pipeline.core.config import dump_config, load_config, yaml_parser
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import pipeline.chunks
+import pipeline.data.chunks
 from pipeline.cli import app
-from pipeline.config import dump_config, load_config
-from pipeline.data import load_splits
+from pipeline.core.config import dump_config, load_config
+from pipeline.data.annotations import load_splits
+from pipeline.data.features import FeatureStore, open_store
 from pipeline.demo.synthetic import make_dataset
-from pipeline.features import FeatureStore, open_store
 
 VICLIP = [sys.executable, "-m", "pipeline.cli"]
 BATCH = 2  # images per batch: small, so that a small split makes many chunks
@@ -93,13 +93,13 @@ def test_a_killed_extract_resumes_from_its_finished_chunks(project, monkeypatch)
 
     # The re-run encodes only the images of the chunks that were not finished.
     encoded = []
-    encode_files = pipeline.chunks.encode_files
+    encode_files = pipeline.data.chunks.encode_files
 
     def counted(encoder, files, *args):  # encode_files, noting the images it is given
         encoded.extend(files)
         return encode_files(encoder, files, *args)
 
-    monkeypatch.setattr(pipeline.chunks, "encode_files", counted)
+    monkeypatch.setattr(pipeline.data.chunks, "encode_files", counted)
     result = invoke("extract", "--split", "train")
     assert result.exit_code == 0, result.output
     assert f"extract clip train: resuming, {kept} of {total} chunks already done" in result.output.splitlines()

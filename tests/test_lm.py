@@ -15,16 +15,16 @@ from transformers import AutoModelForCausalLM
 from transformers.activations import NewGELUActivation
 from typer.testing import CliRunner
 
-from pipeline import paths
 from pipeline.cli import app
-from pipeline.config import dump_config, load_config
-from pipeline.decoding import beam_search
-from pipeline.data import load_splits
+from pipeline.core import paths
+from pipeline.core.config import dump_config, load_config
+from pipeline.core.errors import ViclipError
+from pipeline.data.annotations import load_splits
+from pipeline.data.features import open_store
+from pipeline.decoding.beam import beam_search
 from pipeline.demo import mean_length
 from pipeline.demo.synthetic import caption_groups
 from pipeline.demo.tiny import make_tiny_lm, news_documents
-from pipeline.errors import ViclipError
-from pipeline.features import open_store
 from pipeline.models import load_model
 from pipeline.models.viclipcap import Captioner
 from pipeline.models.viclipcap.lm import load_lm
@@ -72,8 +72,8 @@ def test_captions_stop_with_an_lm_that_never_saw_end_of_text(demo, config):
 
 def test_waiting_for_end_of_text_never_stops(demo, config, tmp_path):
     """Why lm.stop exists: the same LM trained to end on its end-of-text token (lm.stop null) runs on."""
-    from pipeline.config import parse_config
-    from pipeline.decoding import caption_features
+    from pipeline.core.config import parse_config
+    from pipeline.decoding.beam import caption_features
     from stages import train
 
     raw = config.model_dump()

@@ -13,18 +13,21 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import parse_config
-from pipeline.data import ImageRecord
-from pipeline.decoding import beam_search
+from pipeline.core.config import parse_config
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import write_json
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.features import open_store, write_store
+from pipeline.decoding.beam import beam_search
 from pipeline.demo import OVERRIDES, demo_params
 from pipeline.demo.tiny import make_tiny_lm
-from pipeline.errors import ViclipError
-from pipeline.features import open_store, write_store
-from pipeline.io import write_json
 from pipeline.models import CONFIG, family, load_model, spec_for
 from pipeline.models.base import load_trained_state, trained_state
 from pipeline.models.viclipcap.lm import TRAINED_WEIGHTS
-from pipeline.training import CaptionSet, Optimisation, seed_everything, train_epoch
+from pipeline.training.batches import CaptionSet
+from pipeline.training.checkpoint import seed_everything
+from pipeline.training.cross_entropy import train_epoch
+from pipeline.training.optimisation import Optimisation
 
 CPU = torch.device("cpu")
 ENCODER = {"encoder": "clip", "embedding_dim": 16}

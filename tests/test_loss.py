@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline.config import MapperConfig
+from pipeline.core.config import MapperConfig
 from pipeline.models.viclipcap import Captioner
 from pipeline.models.viclipcap.captioner import IGNORE
 from pipeline.models.viclipcap.lm import LanguageModel

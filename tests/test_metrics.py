@@ -11,11 +11,11 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from pipeline.errors import ViclipError
-from pipeline.metrics import blocks, format_tables, laid_out, score_captions
-from pipeline.config import ScoreConfig
-from pipeline.protocols import SETTINGS, chosen, words
-from pipeline.text import tokenize
+from pipeline.core.config import ScoreConfig
+from pipeline.core.errors import ViclipError
+from pipeline.evaluation.metrics import blocks, format_tables, laid_out, score_captions
+from pipeline.evaluation.protocols import SETTINGS, chosen, words
+from pipeline.evaluation.text import protocol_text
 
 REFERENCES = {
     1: ["Một con mèo đang nằm trên ghế.", "con mèo nằm ngủ trên chiếc ghế", "một chú mèo trên ghế sofa",
@@ -30,13 +30,13 @@ PREDICTIONS = {1: "một con mèo nằm trên ghế", 2: "Hai người đi trên
 
 def test_tokenisation_is_nfc_lowercase_without_punctuation():
     nfd = unicodedata.normalize("NFD", "Một con MÈO, đang ngủ.")
-    assert tokenize(nfd) == "một con mèo đang ngủ"
-    assert tokenize(nfd) == unicodedata.normalize("NFC", tokenize(nfd))
+    assert protocol_text(nfd) == "một con mèo đang ngủ"
+    assert protocol_text(nfd) == unicodedata.normalize("NFC", protocol_text(nfd))
 
 
 def test_wrapper_returns_what_pycocoevalcap_returns(monkeypatch):
-    gts = {i: [tokenize(r) for r in refs] for i, refs in REFERENCES.items()}
-    res = {i: [tokenize(p)] for i, p in PREDICTIONS.items()}
+    gts = {i: [protocol_text(r) for r in refs] for i, refs in REFERENCES.items()}
+    res = {i: [protocol_text(p)] for i, p in PREDICTIONS.items()}
     # The wrapper runs METEOR's jar with UTF-8 input whatever the locale; the direct call does too.
     monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Dfile.encoding=UTF-8 -Dstdin.encoding=UTF-8")
     direct = dict(zip(("bleu_1", "bleu_2", "bleu_3", "bleu_4"), Bleu(4).compute_score(gts, res, verbose=0)[0]))

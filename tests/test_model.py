@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import paths
-from pipeline.features import open_store
+from pipeline.core import paths
+from pipeline.data.features import open_store
 
+from pipeline.decoding.beam import beam_search
+from pipeline.models import load_model
 from pipeline.models.viclipcap import Captioner
-from pipeline.decoding import beam_search
 from pipeline.models.viclipcap.lm import load_lm
 from pipeline.models.viclipcap.mapper import build_mapper
-from pipeline.models import load_model
-from pipeline.training import CaptionSet
+from pipeline.training.batches import CaptionSet
 
 CPU = torch.device("cpu")
 
@@ -119,7 +119,7 @@ def test_batched_cached_beam_search_equals_plain_beam_search(demo, config, model
 
 
 def test_training_is_deterministic_for_a_seed(demo, config, tmp_path):
-    from pipeline.config import parse_config
+    from pipeline.core.config import parse_config
     from stages import train
 
     raw = config.model_dump()
@@ -137,7 +137,7 @@ def test_training_is_deterministic_for_a_seed(demo, config, tmp_path):
 
 
 def test_caption_sets_cut_batches_to_the_longest_caption(demo, config):
-    from pipeline.data import load_splits
+    from pipeline.data.annotations import load_splits
 
     with chdir(demo):
         lm = load_lm(config.lm.name, config.lm.stop, CPU)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import dump_config, load_config, yaml_parser
+from pipeline.core.config import dump_config, load_config, yaml_parser
+from pipeline.core.names import ENCODERS, MODELS
 from pipeline.demo import dvc
-from pipeline.paths import ENCODERS, MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 

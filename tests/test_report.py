@@ -11,12 +11,12 @@ import matplotlib.figure
 import pytest
 from PIL import Image
 
-from pipeline import paths
-from pipeline.config import load_config
-from pipeline.errors import ViclipError
+from pipeline.core import paths
+from pipeline.core.config import load_config
+from pipeline.core.errors import ViclipError
+from pipeline.evaluation.protocols import PROTOCOLS
+from pipeline.evaluation.report import bar_chart, comparison_markdown, display_order, read_markdown_table
 from pipeline.models import spec_for
-from pipeline.protocols import PROTOCOLS
-from pipeline.report import bar_chart, comparison_markdown, display_order, read_markdown_table
 from stages import compare
 
 SYLLABLE = {"name": "syllable", **PROTOCOLS["syllable"].description()}

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import paths
-from pipeline.config import RetrievalConfig
-from pipeline.data import load_splits
-from pipeline.decoding import beam_search, caption_features
-from pipeline.errors import ViclipError
-from pipeline.features import open_store
-from pipeline.metrics import score_captions
+from pipeline.core import paths
+from pipeline.core.config import RetrievalConfig
+from pipeline.core.errors import ViclipError
+from pipeline.data.annotations import load_splits
+from pipeline.data.features import open_store
+from pipeline.decoding.beam import beam_search, caption_features
+from pipeline.evaluation.metrics import score_captions
 from pipeline.models import load_model
-from pipeline.retrieval import Datastore, Retrieval
+from pipeline.models.viclipcap.retrieval import Datastore, Retrieval
 
 CPU = torch.device("cpu")
 RAG = "viclipcap_rag"
@@ -82,7 +82,7 @@ def test_the_model_reads_its_prompt(demo, config):
         store = open_store(paths.store_path(config, "test"), {})
         references = {r.image_id: list(r.captions) for r in load_splits(config.data)["test"]}
         scored = paths.metrics_path(config, RAG)
-        from pipeline.io import read_json
+        from pipeline.core.io import read_json
 
         cider = read_json(scored)["cider"]
     datastore = model.retrieval.datastore

@@ -8,11 +8,12 @@ from contextlib import chdir
 import torch
 from safetensors.torch import load_file
 
-from pipeline import paths
-from pipeline.features import open_store
-from pipeline.io import read_json
+from pipeline.core import paths
+from pipeline.core.io import read_json
+from pipeline.data.features import open_store
+from pipeline.decoding.sampling import sample
 from pipeline.models import load_model
-from pipeline.scst import advantages, sample
+from pipeline.training.scst import advantages
 
 CPU = torch.device("cpu")
 SCST = "viclipcap_scst"

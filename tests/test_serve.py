@@ -20,12 +20,12 @@ from skimage import data as photos
 from typer.testing import CliRunner
 
 from pipeline.cli import app as cli
-from pipeline.config import load_config
-from pipeline.encoders import BadImage, ImageTooLarge, open_rgb
-from pipeline.inference import LoadedModel
+from pipeline.core.config import load_config
+from pipeline.core.names import MODELS
+from pipeline.decoding.inference import LoadedModel
+from pipeline.encoders.images import BadImage, ImageTooLarge, open_rgb
+from pipeline.evaluation.report import display_name
 from pipeline.models import family
-from pipeline.paths import MODELS
-from pipeline.report import display_name
 from pipeline.serve import Limits, Served, create_app, load_served
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import devices, metrics, spice
-from pipeline.metrics import score_tokenized
+from pipeline.core import devices
+from pipeline.evaluation import metrics, spice
+from pipeline.evaluation.metrics import score_tokenized
 
 GTS = {1: ["một con mèo nằm trên ghế", "con mèo trên ghế"], 2: ["hai người đi trên phố", "người đi bộ"]}
 RES = {1: ["một con mèo trên ghế"], 2: ["hai người đi bộ"]}

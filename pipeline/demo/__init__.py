@@ -22,17 +22,17 @@ from contextlib import chdir
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
-from pipeline.config import yaml_parser, dump_config, load_config, parse_config
-from pipeline.data import ImageRecord, find_layout, load_splits, read_annotations
+from pipeline.core import names, paths
+from pipeline.core.config import dump_config, load_config, parse_config, yaml_parser
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import read_json, write_json, write_text
+from pipeline.data.annotations import ImageRecord, find_layout, load_splits, read_annotations
 from pipeline.demo.synthetic import caption_groups, make_dataset
 from pipeline.demo.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cnn, make_tiny_lm
-from pipeline.errors import ViclipError
-from pipeline.io import read_json, write_json, write_text
-from pipeline.metrics import format_tables
-from pipeline.report import display_order
-from pipeline.text import tokenize
-from stages.score import score_file
+from pipeline.evaluation.metrics import format_tables
+from pipeline.evaluation.report import display_order
+from pipeline.evaluation.results import score_file
+from pipeline.evaluation.text import protocol_text
 
 PROJECT = Path(__file__).resolve().parents[2]
 CODE = ("pipeline", "stages")
@@ -129,7 +129,7 @@ def blind_captions(workdir: Path, splits: dict[str, list[ImageRecord]]) -> Path:
 
 def mean_length(captions: Iterable[str]) -> float:
     """Mean syllables per caption, as the scoring protocol counts them."""
-    counts = [len(tokenize(caption).split()) for caption in captions]
+    counts = [len(protocol_text(caption).split()) for caption in captions]
     return sum(counts) / len(counts)
 
 
@@ -149,7 +149,7 @@ def run_demo(workdir: Path) -> None:
         scores["blind"] = score_file(config, blind_captions(workdir, splits).name)
         lengths = {m: mean_length(c["caption"] for c in read_json(paths.captions_path(config, m))) for m in models}
         lengths["references"] = mean_length(c for r in splits["test"] for c in r.captions)
-    first = scores[paths.MODEL]
+    first = scores[names.MODEL]
     print(f"\nKTVIC-layout synthetic test split, {first['images']} images")
     print(format_tables(scores))
     print("blind = the most frequent training caption for every image")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data import LAYOUTS, find_layout, read_annotations
+from pipeline.data.annotations import LAYOUTS, find_layout, read_annotations
 
 SHAPES = {"circle": "hình tròn", "square": "hình vuông", "triangle": "hình tam giác"}
 COLOURS = {"đỏ": (220, 40, 40), "xanh lá": (40, 170, 60), "xanh dương": (40, 80, 220), "vàng": (235, 200, 30)}

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.encoders import open_rgb
+from pipeline.encoders.images import open_rgb
 
 TINY_CNN = "resnet18"  # torchvision's smallest ResNet, randomly initialised: no ImageNet weights offline
 TINY_CLIP = "viclip-tiny-vit"

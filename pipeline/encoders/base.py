@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from pipeline.devices import Precision, precision
+from pipeline.core.devices import Precision, precision
 
 
 class ImageEncoder(Protocol):

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline.config import ClipConfig
-from pipeline.devices import Precision, autocast
+from pipeline.core.config import ClipConfig
+from pipeline.core.devices import Precision, autocast
+from pipeline.core.errors import ViclipError
 from pipeline.encoders.base import EncoderFamily, encoding_precision, register, weights_id
-from pipeline.errors import ViclipError
 
 
 def clip_attrs(config: ClipConfig) -> dict[str, Any]:

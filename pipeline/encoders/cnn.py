@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.config import CnnConfig
-from pipeline.devices import Precision, autocast
+from pipeline.core.config import CnnConfig
+from pipeline.core.devices import Precision, autocast
+from pipeline.core.errors import ViclipError
 from pipeline.encoders.base import EncoderFamily, encoding_precision, register, weights_id
-from pipeline.errors import ViclipError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

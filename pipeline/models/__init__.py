@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from pipeline.config import Config, parse_section
-from pipeline.errors import ViclipError
+from pipeline.core.config import Config, parse_section
+from pipeline.core.errors import ViclipError
+from pipeline.core.names import MODELS
 from pipeline.models import cnn_lstm, viclipcap  # noqa: F401  (each registers itself)
 from pipeline.models.base import REGISTRY, CaptionModel, Family
-from pipeline.paths import MODELS
 
 FORMAT = "viclip-model/1"
 CONFIG = "config.json"

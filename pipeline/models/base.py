@@ -13,10 +13,10 @@ from pydantic import BaseModel
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from pipeline.config import Config
-from pipeline.data import ImageRecord
-from pipeline.errors import ViclipError
-from pipeline.features import FeatureStore
+from pipeline.core.config import Config
+from pipeline.core.errors import ViclipError
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.features import FeatureStore
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,7 +70,7 @@ class Family:
     """One model's recipe: what it reads, what defines it, how to build it fresh for training, and how to
     rebuild a trained one's shape from its model directory (its weights are then `restore`d)."""
 
-    encoder: str  # the feature store it reads (paths.ENCODERS)
+    encoder: str  # the feature store it reads (names.ENCODERS)
     sections: tuple[str, ...]  # the params sections that define it, recorded in config.json
     # From the training split (its records and its feature store) and the store's attributes.
     build: Callable[[Config, Sequence[ImageRecord], FeatureStore | None, dict[str, Any], torch.device], CaptionModel]

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from pipeline.config import Config, LstmConfig
-from pipeline.data import ImageRecord
-from pipeline.errors import ViclipError
-from pipeline.features import FeatureStore
-from pipeline.io import write_json
+from pipeline.core.config import Config, LstmConfig
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import write_json
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.features import FeatureStore
+from pipeline.evaluation.text import protocol_text
 from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
-from pipeline.text import tokenize
 
 WEIGHTS = "decoder.safetensors"
 VOCAB = "vocab.json"
@@ -51,7 +51,7 @@ class Vocabulary:
 
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int) -> Vocabulary:
-        counts = collections.Counter(syllable for caption in captions for syllable in tokenize(caption).split())
+        counts = collections.Counter(syllable for caption in captions for syllable in protocol_text(caption).split())
         kept = sorted((s for s, n in counts.items() if n >= min_count), key=lambda s: (-counts[s], s))
         return cls(SPECIALS + tuple(kept), min_count)
 
@@ -63,7 +63,7 @@ class Vocabulary:
         return len(self.tokens)
 
     def encode(self, captions: list[str]) -> list[list[int]]:
-        return [[self.index.get(s, UNK) for s in tokenize(c).split()] + [END] for c in captions]
+        return [[self.index.get(s, UNK) for s in protocol_text(c).split()] + [END] for c in captions]
 
     def decode(self, tokens: list[int]) -> str:
         if END in tokens:

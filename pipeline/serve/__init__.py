@@ -10,13 +10,13 @@ in-process; uvicorn is the ASGI server it is usually run on.
 
 from __future__ import annotations
 
-from pipeline import paths
-from pipeline.config import Config
-from pipeline.data import find_layout, read_annotations
-from pipeline.devices import best_device
-from pipeline.errors import ViclipError
-from pipeline.inference import LoadedModel
-from pipeline.io import read_json
+from pipeline.core import paths
+from pipeline.core.config import Config
+from pipeline.core.devices import best_device
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import read_json
+from pipeline.data.annotations import find_layout, read_annotations
+from pipeline.decoding.inference import LoadedModel
 from pipeline.serve.app import Limits, Served, create_app
 
 __all__ = ["Limits", "Served", "create_app", "load_served", "serve"]

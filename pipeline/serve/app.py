@@ -35,10 +35,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import ScoreConfig
-from pipeline.encoders import BadImage, ImageTooLarge, open_rgb
-from pipeline.inference import LoadedModel
-from pipeline.report import display_name
+from pipeline.core.config import ScoreConfig
+from pipeline.decoding.inference import LoadedModel
+from pipeline.encoders.images import BadImage, ImageTooLarge, open_rgb
+from pipeline.evaluation.report import display_name
 from pipeline.serve.batcher import Decoded, MicroBatcher, QueueFull
 
 STATIC = Path(__file__).parent / "static"

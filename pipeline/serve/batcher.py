@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.config import ScoreConfig
-from pipeline.inference import LoadedModel
+from pipeline.core.config import ScoreConfig
+from pipeline.decoding.inference import LoadedModel
 
 
 class QueueFull(Exception):

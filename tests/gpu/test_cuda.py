@@ -27,20 +27,20 @@ import numpy as np
 import pytest
 import torch
 
-import stages.extract
-import stages.train
-from pipeline import devices, paths
-from pipeline.devices import autocast
-from pipeline.config import Config, parse_config
-from pipeline.data import find_layout, load_splits, read_annotations
-from pipeline.decoding import caption_features
+from pipeline.core import devices, names, paths
+from pipeline.core.config import Config, parse_config
+from pipeline.core.devices import autocast
+from pipeline.core.io import read_json
+from pipeline.data.annotations import find_layout, load_splits, read_annotations
+from pipeline.data.features import open_store
+from pipeline.decoding.beam import caption_features
 from pipeline.demo import demo_params
 from pipeline.demo.synthetic import caption_groups, make_dataset
 from pipeline.demo.tiny import make_tiny_clip, make_tiny_lm
-from pipeline.features import open_store
-from pipeline.io import read_json
+from pipeline.evaluation.text import protocol_text
 from pipeline.models import CONFIG, load_model
-from pipeline.text import tokenize
+import stages.extract
+import stages.train
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -96,7 +96,7 @@ def build_project(root: Path) -> dict[str, Any]:
     params["data"]["root"] = str(data)
     params["clip"].update(pretrained=str(clip_weights), config=str(clip_config))
     params["lm"]["name"] = str(lm)
-    params["train"][paths.MODEL].update(TRAINING)
+    params["train"][names.MODEL].update(TRAINING)
     report("build", train_images=TRAIN_IMAGES, test_images=TEST_IMAGES, seconds=time.perf_counter() - started)
     return params
 
@@ -220,8 +220,8 @@ def check_sentences(config: Config, captions: list[str]) -> float:
     """Most captions are sentences of the training set. This guards what agreement between devices
     cannot: a library on this machine that decodes wrongly on both (transformers 5.17 ignores an
     unknown keyword such as `cache=`, and the LM then decodes each token without its context)."""
-    known = {tokenize(c) for r in load_splits(config.data)["train"] for c in r.captions}
-    share = sum(tokenize(c) in known for c in captions) / len(captions)
+    known = {protocol_text(c) for r in load_splits(config.data)["train"] for c in r.captions}
+    share = sum(protocol_text(c) in known for c in captions) / len(captions)
     report("decoded training sentences", share=share, distinct=len(set(captions)), example=captions[0])
     assert share >= MIN_TRAINING_SENTENCES, f"{share:.0%} are training sentences; some captions: {captions[:3]}"
     return share

@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from pipeline.config import Config, LmConfig, MapperConfig
-from pipeline.data import ImageRecord
-from pipeline.errors import ViclipError
-from pipeline.features import FeatureStore
+from pipeline.core.config import Config, LmConfig, MapperConfig
+from pipeline.core.errors import ViclipError
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.features import FeatureStore
 from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
 from pipeline.models.viclipcap.lm import LanguageModel, load_lm
 from pipeline.models.viclipcap.loss import frozen_head_cross_entropy
 from pipeline.models.viclipcap.mapper import build_mapper
-from pipeline.retrieval import Datastore, Retrieval
+from pipeline.models.viclipcap.retrieval import Datastore, Retrieval
 
 WEIGHTS = "mapper.safetensors"
 

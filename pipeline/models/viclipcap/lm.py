@@ -34,8 +34,8 @@ from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import NewGELUActivation
 
-from pipeline.config import LmTrain, LoraSettings
-from pipeline.errors import ViclipError
+from pipeline.core.config import LmTrain, LoraSettings
+from pipeline.core.errors import ViclipError
 from pipeline.models.base import load_weights, save_weights
 
 END_OF_TEXT_CANDIDATES = ("</s>", "<|endoftext|>")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config import MapperConfig
+from pipeline.core.config import MapperConfig
 
 
 class MLPMapper(nn.Module):

@@ -3,7 +3,7 @@
   viclipcap_rag        a prompt of retrieved training captions after the prefix (`retrieval`), trained by
                        cross-entropy like viclipcap (`train.viclipcap_rag`)
   viclipcap_scst       a trained model's mapper (`train.viclipcap_scst.start_from`) fine-tuned by
-                       self-critical sequence training on CIDEr-D (pipeline.scst)
+                       self-critical sequence training on CIDEr-D (pipeline.training.scst)
   viclipcap_published  the published ViCLIPCap run: its CLIP (`clip_published`), its MLP mapper with
                        prefix 10 and the LM trained with it (`viclipcap_published`)
 
@@ -13,7 +13,7 @@ reads them, so building, recording and reloading stay one code path.
 
 from __future__ import annotations
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from pipeline.models.base import REGISTRY, register
 from pipeline.models.viclipcap.captioner import captioner_family
 

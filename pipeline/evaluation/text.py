@@ -9,8 +9,10 @@ from __future__ import annotations
 import unicodedata
 
 
-def tokenize(text: str) -> str:
-    """The protocol's tokenisation: NFC, lowercase, punctuation stripped, syllables joined by single spaces."""
+def protocol_text(text: str) -> str:
+    """The protocol's tokenisation: NFC, lowercase, punctuation stripped, syllables joined by single spaces.
+
+    Not the captions' own text (`pipeline.data.annotations.caption_text`), which keeps punctuation for the LM."""
     text = unicodedata.normalize("NFC", text).lower()
     text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
     return " ".join(text.split())

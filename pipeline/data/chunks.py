@@ -38,12 +38,12 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.encoders import encode_files
+from pipeline.core import distributed
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import atomic_path
+from pipeline.data.features import StoreWriter
 from pipeline.encoders.base import ImageEncoder
-from pipeline.errors import ViclipError
-from pipeline.features import StoreWriter
-from pipeline.io import atomic_path
+from pipeline.encoders.images import encode_files
 
 FORMAT = "viclip-chunk/1"
 Bad = tuple[int, str]  # a bad image: its position in the split, and why

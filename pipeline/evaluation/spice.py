@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.devices import memory_mb
+from pipeline.core.devices import memory_mb
 
 CORENLP_ENV = "VICLIP_CORENLP"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")

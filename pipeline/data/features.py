@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.errors import ViclipError
-from pipeline.io import atomic_path
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import atomic_path
+from pipeline.data.annotations import ImageRecord
 
 FORMAT = "viclip-features/1"
 JSON_ATTRS = ("skipped_ids", "skipped_images")  # lists, stored as JSON text
@@ -163,3 +164,17 @@ def open_store(path: str | Path, expected: Mapping[str, Any]) -> FeatureStore:
                 "re-run `viclip extract` with the current params"
             )
     return FeatureStore(path, image_ids, attrs)
+
+
+def stored_records(records: Sequence[ImageRecord], store: FeatureStore) -> list[ImageRecord]:
+    """The split's images that have features in `store`; refused where one is absent that extract did not
+    record as skipped (unreadable): the store is of other data."""
+    stored = set(store.image_ids.tolist())
+    skipped = set(store.attrs.get("skipped_ids", []))
+    absent = [r.image_id for r in records if r.image_id not in stored and r.image_id not in skipped]
+    if absent:
+        raise ViclipError(
+            f"{store.path}: no embedding for {len(absent)} images of the data split "
+            f"(e.g. id {absent[0]}); re-run `viclip extract`"
+        )
+    return [r for r in records if r.image_id in stored]

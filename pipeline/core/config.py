@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML, YAMLError
 
-from pipeline.errors import ViclipError
+from pipeline.core.errors import ViclipError
 
 
 class _Section(BaseModel):
@@ -146,7 +146,7 @@ class ScoreConfig(_Section):
     length_penalty: float = Field(ge=0)  # beams ranked by log-prob / length ** length_penalty
     batch_size: int = Field(gt=0)  # images decoded at once
     # How captions are counted: whitespace syllables (ViCLIPCap's table), underthesea's words
-    # (the KTVIC paper's), or both (pipeline.protocols).
+    # (the KTVIC paper's), or both (pipeline.evaluation.protocols).
     protocol: Literal["syllable", "word", "both"]
     out: str  # metrics go to OUT/<model>.json, captions to OUT/<model>.captions.json
 

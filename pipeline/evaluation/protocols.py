@@ -6,7 +6,7 @@ joined by "_", as the KTVIC paper and most Vietnamese captioning work score. Ref
 and candidates always go through the same segmenter: KTVIC's own `segment_caption` came
 from another one (RDRSegmenter), and mixing the two would bias the scores.
 
-Kept out of `pipeline.text`, which the baseline's vocabulary also reads: a change here is
+Kept out of `pipeline.evaluation.text`, which the baseline's vocabulary also reads: a change here is
 a change to scoring only.
 """
 
@@ -18,11 +18,13 @@ from functools import cache
 from importlib.metadata import version
 from typing import Any
 
-from pipeline.text import tokenize
+from pipeline.evaluation.text import protocol_text
 
 NAMES = ("syllable", "word")
 SETTINGS = (*NAMES, "both")  # score.protocol
 
+# Recorded in every metrics file, and compared when files are put side by side: kept as first written, so files
+# scored before the runner moved to pipeline.evaluation.spice still compare with new ones.
 SCORERS = "pycocoevalcap 1.2: BLEU-1..4, METEOR 1.5, ROUGE-L, CIDEr-D; SPICE 1.0 run directly (pipeline.spice)"
 # underthesea's default, pinned: it moves tone marks to one placement ("hoà" -> "hòa"), so two
 # spellings of one syllable count as one, in references and candidates alike.
@@ -50,7 +52,7 @@ def _word_tokenize() -> Callable[..., str]:
 
 def words(text: str, token_normalize: bool = TOKEN_NORMALIZE) -> str:
     """The syllable protocol's tokens, segmented into words; a word's syllables joined by "_"."""
-    return _word_tokenize()(tokenize(text), format="text", use_token_normalize=token_normalize)
+    return _word_tokenize()(protocol_text(text), format="text", use_token_normalize=token_normalize)
 
 
 def segmenter() -> dict[str, Any]:
@@ -65,7 +67,7 @@ def _word_description() -> dict[str, Any]:
 
 
 PROTOCOLS = {
-    "syllable": Protocol("syllable", tokenize, _syllable_description),
+    "syllable": Protocol("syllable", protocol_text, _syllable_description),
     "word": Protocol("word", words, _word_description),
 }
 

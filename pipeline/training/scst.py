@@ -2,14 +2,14 @@
 
 For each image of a batch, `samples` captions are drawn from the model (the frozen LM through the
 prefix, on its KV cache, all images at once), each rewarded by CIDEr-D against the image's training
-references, with document frequencies from all training references (pipeline.cider). A sample's
+references, with document frequencies from all training references (pipeline.training.cider). A sample's
 baseline is the mean reward of the image's other samples, so no greedy decode is needed and the
 advantages of an image sum to zero. The loss is the advantage-weighted cross-entropy of the samples:
 descending it raises the log-probability of captions that beat their siblings. Only what the model
 trains learns (the mapper; the LM stays as `lm.train` says).
 
 Rewards and validation count syllables, as the scoring protocol does: a caption is decoded to text,
-then tokenised by `pipeline.text.tokenize`. Validation is the CIDEr-D of the validation split's
+then tokenised by `pipeline.evaluation.text.protocol_text`. Validation is the CIDEr-D of the validation split's
 captions decoded as `viclip score` decodes (beam search, score settings), with the validation
 references' own document frequencies: pycocoevalcap's CIDEr on that split.
 """
@@ -23,40 +23,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.cider import CiderD
-from pipeline.config import ScoreConfig, ScstSettings
-from pipeline.data import ImageRecord
-from pipeline.decoding import caption_features, token_limit
-from pipeline.devices import Precision, autocast
-from pipeline.features import FeatureStore
+from pipeline.core import distributed
+from pipeline.core.config import ScoreConfig, ScstSettings
+from pipeline.core.devices import Precision, autocast
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.features import FeatureStore, stored_records
+from pipeline.decoding.beam import caption_features, token_limit
+from pipeline.decoding.sampling import sample
+from pipeline.evaluation.text import protocol_text
 from pipeline.models.base import CaptionModel
-from pipeline.text import tokenize
-from pipeline.training import Optimisation, stored_records
-
-
-@torch.inference_mode()
-def sample(model: CaptionModel, features: torch.Tensor, samples: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`samples` captions per image, drawn token by token from the model's distribution on its decoding state
-    (the KV cache): (N * samples, T) token ids, image by image, and their (N * samples,) lengths, the stop
-    included where a caption reached it. Banned tokens are never drawn; after the stop a row only pads."""
-    first, step = model.start_decoding(features, samples)
-    never = torch.zeros(first.shape[-1], device=features.device)
-    never[list(model.banned_ids)] = float("-inf")
-    rows = torch.arange(len(features) * samples, device=features.device)
-    logits = first.repeat_interleave(samples, dim=0)
-    tokens, finished = [], torch.zeros(len(rows), dtype=torch.bool, device=features.device)
-    lengths = torch.zeros(len(rows), dtype=torch.long, device=features.device)
-    for position in range(max_length):
-        drawn = torch.multinomial((logits.float() + never).softmax(-1), 1).squeeze(1)  # (N * S,)
-        drawn = drawn.masked_fill(finished, model.stop_id)
-        lengths += ~finished
-        finished |= drawn == model.stop_id
-        tokens.append(drawn)
-        if finished.all() or position == max_length - 1:
-            break
-        logits = step(rows, drawn)
-    return torch.stack(tokens, dim=1), lengths
+from pipeline.training.cider import CiderD
+from pipeline.training.optimisation import Optimisation
 
 
 def advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -67,7 +44,7 @@ def advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 def references(records: Sequence[ImageRecord]) -> list[list[str]]:
     """Each image's references as the scoring protocol's syllables."""
-    return [[tokenize(c) for c in r.captions] for r in records]
+    return [[protocol_text(c) for c in r.captions] for r in records]
 
 
 @dataclass
@@ -108,7 +85,7 @@ def scst_epoch(
         model.eval()  # sampling draws from the model as it decodes
         with autocast(features.device, optimisation.policy):
             tokens, lengths = sample(model, features, settings.samples, limit)
-        texts = [tokenize(model.decode(row[:n].tolist())) for row, n in zip(tokens.cpu(), lengths.tolist())]
+        texts = [protocol_text(model.decode(row[:n].tolist())) for row, n in zip(tokens.cpu(), lengths.tolist())]
         rewards = data.cider.scores(texts, np.repeat(images.numpy(), settings.samples))
         rewards = torch.tensor(rewards, dtype=torch.float32, device=features.device).view(len(images), -1)
         mask = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
@@ -131,7 +108,7 @@ def validation_cider(model: CaptionModel, data: ImageSet, settings: ScoreConfig,
     model.eval()
     with autocast(data.features.device, policy):
         texts = caption_features(model, data.features, settings, description=None).texts
-    return float(data.cider.scores([tokenize(t) for t in texts], np.arange(len(texts))).mean())
+    return float(data.cider.scores([protocol_text(t) for t in texts], np.arange(len(texts))).mean())
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import DataConfig
-from pipeline.errors import ViclipError
+from pipeline.core.config import DataConfig
+from pipeline.core.errors import ViclipError
 
 SPLITS = ("train", "val", "test")
 
@@ -40,8 +40,12 @@ class ImageRecord:
     captions: tuple[str, ...]
 
 
-def normalize_caption(text: str) -> str:
-    """NFC, lowercase, single spaces: Vietnamese arrives in NFC or NFD form."""
+def caption_text(text: str) -> str:
+    """A caption as every stage reads it and the LM learns it: NFC (Vietnamese arrives in NFC or NFD form),
+    lowercase, single spaces, punctuation kept, since the LM learns where a sentence ends.
+
+    Not the scoring protocol's text (`pipeline.evaluation.text.protocol_text`), which drops punctuation: the two
+    differ on purpose, and merging them would change either what the LM learns or how captions are scored."""
     return " ".join(unicodedata.normalize("NFC", text).lower().split())
 
 
@@ -93,7 +97,7 @@ def read_annotations(annotation_file: Path, image_dir: Path) -> list[ImageRecord
     for n, annotation in enumerate(raw["annotations"]):
         where = f"{annotation_file}: annotations[{n}]"
         image_id = _field(annotation, "image_id", int, where)
-        caption = normalize_caption(_field(annotation, "caption", str, where))
+        caption = caption_text(_field(annotation, "caption", str, where))
         if image_id not in captions:
             raise ViclipError(f"{where}: caption points at unknown image id {image_id}")
         if not caption:

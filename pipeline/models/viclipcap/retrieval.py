@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import RetrievalConfig
-from pipeline.data import ImageRecord
-from pipeline.errors import ViclipError
-from pipeline.features import FeatureStore
-from pipeline.io import write_json
+from pipeline.core.config import RetrievalConfig
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import write_json
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.features import FeatureStore
 
 EMBEDDINGS = "datastore.safetensors"
 CAPTIONS = "datastore.json"

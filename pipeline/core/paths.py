@@ -1,17 +1,11 @@
-"""The models and encoders by name, and where each stage writes: derived from the `out` folders in params.yaml."""
+"""Where each stage writes: derived from the `out` folders in params.yaml."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import Config
-
-# ViCLIPCap (cross-entropy, LM frozen), the CNN+LSTM baseline, then ViCLIPCap's variants: each a model of its own,
-# with its own model directory, metrics file and DVC stages (pipeline.models.viclipcap.variants).
-MODELS = ("viclipcap", "cnn_lstm", "viclipcap_rag", "viclipcap_scst", "viclipcap_published")
-# Feature stores, each named after the params section of its encoder; the encoder family it runs (clip or cnn).
-ENCODERS = {"clip": "clip", "cnn": "cnn", "clip_published": "clip"}
-MODEL, ENCODER = MODELS[0], "clip"
+from pipeline.core.config import Config
+from pipeline.core.names import ENCODER, MODEL, MODELS
 
 
 def store_dir(config: Config, encoder: str = ENCODER) -> Path:

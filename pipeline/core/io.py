@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ViclipError
+from pipeline.core.errors import ViclipError
 
 
 def _partial(path: Path) -> Path:

@@ -10,7 +10,7 @@ from typing import Literal, get_args
 
 import torch
 
-from pipeline.errors import ViclipError
+from pipeline.core.errors import ViclipError
 
 Precision = Literal["bf16", "fp16", "fp32"]
 CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))

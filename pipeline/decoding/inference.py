@@ -14,15 +14,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import Config, ScoreConfig
-from pipeline.decoding import Captions, caption_features
-from pipeline.devices import best_device
-from pipeline.encoders import encode_files, encoder_attrs, load_encoder
+from pipeline.core.config import Config, ScoreConfig
+from pipeline.core.devices import best_device
+from pipeline.core.errors import ViclipError
+from pipeline.core.names import ENCODERS
+from pipeline.decoding.beam import Captions, caption_features
+from pipeline.encoders import encoder_attrs, load_encoder
 from pipeline.encoders.base import ImageEncoder
-from pipeline.errors import ViclipError
+from pipeline.encoders.images import encode_files
 from pipeline.models import ModelSpec, family, load_model
 from pipeline.models.base import CaptionModel
-from pipeline.paths import ENCODERS
 
 
 @dataclass

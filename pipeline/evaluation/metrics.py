@@ -1,8 +1,8 @@
 """Caption metrics under the stated protocols, for every model and every results file.
 
-Each protocol (pipeline.protocols: syllables, or underthesea's words) tokenises references
+Each protocol (pipeline.evaluation.protocols: syllables, or underthesea's words) tokenises references
 and candidates alike; then the raw pycocoevalcap 1.2 scorers run, without the English PTB
-tokenizer, and SPICE runs directly on the JVM (pipeline.spice). CIDEr's IDF comes from the
+tokenizer, and SPICE runs directly on the JVM (pipeline.evaluation.spice). CIDEr's IDF comes from the
 references being scored, so a score belongs to the whole split scored.
 
 A metrics file keeps the syllable figures at its top level (as `dvc metrics` and older
@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
-from pipeline.errors import ViclipError
-from pipeline.protocols import PROTOCOLS, Protocol
-from pipeline.spice import SpiceFailed, error_line, spice
+from pipeline.core.errors import ViclipError
+from pipeline.evaluation.protocols import PROTOCOLS, Protocol
+from pipeline.evaluation.spice import SpiceFailed, error_line, spice
 
 METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
 SYLLABLE_ONLY = (PROTOCOLS["syllable"],)

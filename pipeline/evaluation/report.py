@@ -3,7 +3,7 @@
 It lays this run's scores out in the ViCLIPCap paper's table layout, next to the
 figures that paper published, so a reader sees at a glance what this reproduction
 got and what was claimed. It has one table per scoring protocol the metrics files
-share (syllables, words: pipeline.protocols); the published figures sit in the
+share (syllables, words: pipeline.evaluation.protocols); the published figures sit in the
 syllable table, the protocol they were scored under. Runs are only put side by side
 when their metrics files were scored on the same split, the same images and under the
 same protocol; anything else would compare numbers that mean different things.
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ViclipError
-from pipeline.io import atomic_path
-from pipeline.metrics import METRICS, shared_protocols
+from pipeline.core.errors import ViclipError
+from pipeline.core.io import atomic_path
+from pipeline.evaluation.metrics import METRICS, shared_protocols
 
 Scores = Mapping[str, float | None]
 

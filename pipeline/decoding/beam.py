@@ -17,9 +17,9 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.config import ScoreConfig
-from pipeline.errors import ViclipError
+from pipeline.core import distributed
+from pipeline.core.config import ScoreConfig
+from pipeline.core.errors import ViclipError
 from pipeline.models.base import CaptionModel
 
 

@@ -8,7 +8,8 @@ fingerprint differs ignores it (and says so). It is written atomically, and remo
 directory is written.
 
 It is loaded with `torch.load(weights_only=True)`, which rebuilds tensors and plain Python values and
-runs no pickled code: everything saved here is one of those.
+runs no pickled code: everything saved here is one of those. The random generators it saves are
+seeded here too (`seed_everything`), at the start of a run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 import pipeline
-from pipeline.io import atomic_path
+from pipeline.core.io import atomic_path
 
 FORMAT = "viclip-resume/1"
 
@@ -41,6 +42,12 @@ def fingerprint(settings: dict[str, Any]) -> str:
     """What a checkpoint must match to be resumed: `settings` (JSON-able), the code, torch's version."""
     text = json.dumps({**settings, "code": code_digest(), "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

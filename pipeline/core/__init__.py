@@ -1,0 +1,10 @@
+"""What every other package stands on, and which imports nothing of viclip's above it.
+
+  config       typed, strict params.yaml
+  errors       the one exception the CLI turns into a one-line message
+  io           atomic writes
+  devices      which device, at which precision
+  distributed  many processes, one result (torchrun)
+  names        the models and feature stores by name
+  paths        where each stage writes
+"""
