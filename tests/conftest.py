@@ -1,9 +1,14 @@
-"""One expensive fixture: `viclip demo` run as a user runs it. Its synthetic data, tiny
-models, feature stores and trained model are then shared, read-only, by the other tests.
+"""Two session fixtures, each built once for the whole run, however many workers share it:
 
-`make test` runs the suite on two pytest-xdist workers: most tests wait on single-threaded work
-(a fresh `viclip` process importing torch, DVC), so two at a time keep both cores busy. The demo
-is built once for both, and the tests that do not need it run first, while it builds."""
+- `tiny`: the demo's synthetic data and tiny models (a tiny CLIP, a random ResNet-18, a tiny GPT-2 and its
+  tokenizer) in a folder laid out as `viclip demo` lays it out, without running the pipeline (about a
+  minute). Tests that need only tiny models take them from here, as does the small `project`.
+- `demo`: `viclip demo` run as a user runs it, from an empty folder. Its feature stores, trained models and
+  metrics are shared, read-only, by the end-to-end tests. It takes minutes, so it starts in the background
+  as soon as a run that collected such a test begins, and those tests come last: the others run meanwhile.
+
+`make test` runs the suite on two pytest-xdist workers: most tests wait on single-threaded work (a fresh
+`viclip` process importing torch, DVC), so two at a time keep both cores busy."""
 
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from contextlib import chdir
 from pathlib import Path
 
@@ -24,6 +31,7 @@ from filelock import FileLock
 
 from pipeline.core.config import Config, dump_config, load_config
 from pipeline.core.names import MODELS
+from pipeline.demo import prepare
 from pipeline.demo.synthetic import make_dataset
 
 VICLIP = [sys.executable, "-m", "pipeline.cli"]
@@ -34,29 +42,74 @@ def viclip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*VICLIP, *args], cwd=cwd, capture_output=True, text=True)
 
 
+def uses_demo(item: pytest.Item) -> bool:
+    return "demo" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests without the demo first (they run while it builds), the slow ones of each kind first (so that the
     workers' last tests are short); file order otherwise."""
-    items.sort(key=lambda item: ("demo" in getattr(item, "fixturenames", ()), item.get_closest_marker("slow") is None))
+    items.sort(key=lambda item: (uses_demo(item), item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory) -> Path:
-    """The demo project, built by the first worker that needs it; the others wait for it (or its failure)."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # each worker's base directory sits in the run's
-    workdir, failed = shared / "demo", shared / "demo.failed"
-    with FileLock(shared / "demo.lock"):
+def shared(tmp_path_factory) -> Path:
+    """The run's folder that every worker sees (each worker's own base directory sits in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def tiny(shared) -> Path:
+    """The demo's data and tiny models, built by the first worker that needs them; the others wait for them."""
+    workdir, failed = shared / "tiny", shared / "tiny.failed"
+    with FileLock(shared / "tiny.lock"):
         if failed.is_file():
             pytest.fail(failed.read_text(), pytrace=False)
-        if not (workdir / "demo.out").is_file():
+        if not (workdir / "tiny.done").is_file():
+            shutil.rmtree(workdir, ignore_errors=True)
+            try:
+                prepare(workdir)
+            except Exception as error:
+                failed.write_text(f"building the tiny models failed: {error!r}")
+                raise
+            (workdir / "tiny.done").touch()
+    return workdir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_in_background(request, shared):
+    """Start `viclip demo` once, in the background, where the run has a test that needs it. The worker that
+    started it waits for it at the end of its run (or stops it where the run was cut short), so no demo
+    outlives the run."""
+    if not any(uses_demo(item) for item in request.session.items):
+        yield
+        return
+    workdir = shared / "demo"
+    with FileLock(shared / "demo.lock"):
+        started = workdir.is_dir()
+        if not started:
             workdir.mkdir()
-            result = viclip("demo", "--workdir", str(workdir), cwd=workdir)
-            if result.returncode != 0:
-                failed.write_text(f"viclip demo failed:\n{result.stdout}{result.stderr}")
-                pytest.fail(failed.read_text(), pytrace=False)
-            (workdir / "demo.out").write_text(result.stdout)
+            # The exit status is written last, by rename: its presence says the demo has ended.
+            script = '"$@" >demo.out 2>demo.err; echo $? >demo.rc.partial; mv demo.rc.partial demo.rc'
+            process = subprocess.Popen(["sh", "-c", script, "sh", *VICLIP, "demo", "--workdir", str(workdir)],
+                                       cwd=workdir, start_new_session=True)
+    yield
+    if not started:
+        if request.session.shouldfail or request.session.shouldstop:
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def demo(shared) -> Path:
+    """The demo project, once `viclip demo` (started by `demo_in_background`) has ended well."""
+    workdir = shared / "demo"
+    while not (workdir / "demo.rc").is_file():
+        time.sleep(1)
+    if (workdir / "demo.rc").read_text().strip() != "0":
+        output = (workdir / "demo.out").read_text() + (workdir / "demo.err").read_text()
+        pytest.fail(f"viclip demo failed:\n{output}", pytrace=False)
     return workdir
 
 
@@ -76,12 +129,19 @@ def config(demo) -> Config:
 
 
 @pytest.fixture
-def project(demo, tmp_path, monkeypatch) -> Path:
+def tiny_config(tiny) -> Config:
+    """The tiny models' config (the demo's params), with the working directory at their folder."""
+    with chdir(tiny):
+        yield load_config("params.yaml")
+
+
+@pytest.fixture
+def project(tiny, tmp_path, monkeypatch) -> Path:
     """A small project (12 train, 4 test images) using the demo's tiny models, in the working directory."""
-    params = load_config(demo / "params.yaml").model_dump()
+    params = load_config(tiny / "params.yaml").model_dump()
     for section, key in (("clip", "pretrained"), ("clip", "config"), ("clip_published", "pretrained"),
                          ("clip_published", "config"), ("cnn", "weights"), ("lm", "name")):
-        params[section][key] = str(demo / params[section][key])
+        params[section][key] = str(tiny / params[section][key])
     params["data"]["root"] = "ktvic"
     for model in MODELS:
         params["train"][model]["epochs"] = 1

@@ -42,16 +42,15 @@ def use_lm(project, directory, stop=".") -> None:
     (project / "params.yaml").write_text(dump_config(params))
 
 
-def test_the_tiny_lm_learned_sentences_not_end_of_text(demo, config):
+def test_the_tiny_lm_learned_sentences_not_end_of_text(tiny, tiny_config):
     """The stand-in has a real news LM's quirk: nothing in its pre-training ended with end-of-text."""
-    with chdir(demo):
-        lm = load_lm(config.lm.name, None, CPU)
-        documents = news_documents(caption_groups(config.data.root))
+    lm = load_lm(tiny_config.lm.name, None, CPU)
+    documents = news_documents(caption_groups(tiny_config.data.root))
     specials = set(lm.tokenizer.all_special_tokens)
     assert not any(token in document for document in documents for token in specials)
     assert documents[0].endswith(". ") and documents[0].count(". ") == 3
 
-    dot = load_lm(str(demo / config.lm.name), ".", CPU).stop_id
+    dot = load_lm(str(tiny / tiny_config.lm.name), ".", CPU).stop_id
     ids = torch.tensor([lm.tokenizer("có một hình tròn màu đỏ ở bên trái", add_special_tokens=False)["input_ids"]])
     following = lm.model(input_ids=ids).logits[0, -1].softmax(-1)
     assert following[dot] > 0.3 and following[lm.stop_id] < 1e-3, (following[dot], following[lm.stop_id])
@@ -89,13 +88,13 @@ def test_waiting_for_end_of_text_never_stops(demo, config, tmp_path):
 
 
 @pytest.mark.parametrize("stop", ["hình tròn", ".!"])
-def test_a_stop_text_of_more_than_one_token_is_refused(demo, config, stop):
+def test_a_stop_text_of_more_than_one_token_is_refused(tiny, tiny_config, stop):
     with pytest.raises(ViclipError, match="exactly one token"):
-        load_lm(str(demo / config.lm.name), stop, CPU)
+        load_lm(str(tiny / tiny_config.lm.name), stop, CPU)
 
 
-def test_a_caption_ending_with_the_stop_gets_it_once(demo, config):
-    lm = load_lm(str(demo / config.lm.name), ".", CPU)
+def test_a_caption_ending_with_the_stop_gets_it_once(tiny, tiny_config):
+    lm = load_lm(str(tiny / tiny_config.lm.name), ".", CPU)
     plain, ended, spaced = lm.encode(["có một hình tròn", "có một hình tròn.", "có một hình tròn ."])
     assert plain == ended == spaced and plain[-1] == lm.stop_id and plain.count(lm.stop_id) == 1
     assert lm.decode(plain) == "có một hình tròn"
@@ -146,11 +145,11 @@ def test_special_tokens_and_unmapped_rows_are_never_produced(demo, config, tmp_p
     assert unmasked & banned
 
 
-def test_a_half_precision_lm_checkpoint_trains_and_decodes_in_fp32(demo, config, project, tmp_path):
+def test_a_half_precision_lm_checkpoint_trains_and_decodes_in_fp32(tiny, project, tmp_path):
     half = tmp_path / "lm-bf16"
-    model = AutoModelForCausalLM.from_pretrained(demo / config.lm.name, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny / "models/lm", dtype=torch.bfloat16)
     model.save_pretrained(half)
-    load_lm(str(demo / config.lm.name), ".", CPU).tokenizer.save_pretrained(half)
+    load_lm(str(tiny / "models/lm"), ".", CPU).tokenizer.save_pretrained(half)
     assert next(iter(load_file(str(half / "model.safetensors")).values())).dtype == torch.bfloat16
 
     lm = load_lm(str(half), ".", CPU)
@@ -161,9 +160,9 @@ def test_a_half_precision_lm_checkpoint_trains_and_decodes_in_fp32(demo, config,
         assert result.exit_code == 0, (command, result.output)
 
 
-def test_an_lm_that_does_not_match_the_model_directory_is_refused(demo, config, project):
+def test_an_lm_that_does_not_match_the_model_directory_is_refused(tiny, project):
     local = project / "lm"
-    shutil.copytree(demo / config.lm.name, local)
+    shutil.copytree(tiny / "models/lm", local)
     use_lm(project, local)
     assert invoke("extract").exit_code == 0 and invoke("train").exit_code == 0
     recorded = json.loads((project / "artifacts/models/viclipcap/config.json").read_text())["lm_fingerprint"]
