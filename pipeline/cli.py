@@ -100,6 +100,7 @@ def score(
     """Stage 3: decode the test split with a trained model and score it (or score --captions FILE)."""
     from pipeline.core.io import write_json
     from pipeline.evaluation.metrics import METRICS, blocks, format_tables
+    from pipeline.evaluation.results import score_file
     from stages import score as stage
 
     _choice("--model", model, MODELS)
@@ -118,7 +119,7 @@ def score(
         elif not distributed.is_main():  # nothing to divide: one rank scores the file
             return
         else:
-            metrics = stage.score_file(config, captions, protocol)
+            metrics = score_file(config, captions, protocol)
             summary = f"score: {metrics['images']} test images from {captions}"
             if metrics["dropped"]:
                 summary += f", {metrics['dropped']} captions dropped (images skipped at extraction)"
