@@ -8,7 +8,9 @@
   as soon as a run that collected such a test begins, and those tests come last: the others run meanwhile.
 
 `make test` runs the suite on two pytest-xdist workers: most tests wait on single-threaded work (a fresh
-`viclip` process importing torch, DVC), so two at a time keep both cores busy."""
+`viclip` process importing torch, DVC), so two at a time keep both cores busy. Every process of the run,
+the background demo included, computes on one thread: three processes of torch's default one thread a
+core, on two cores, spin-wait for each other's threads (one test ran 18 times slower than alone)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import os
 # Hub look-ups fail at once instead of retrying for a minute: the tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Read by torch when it loads, here and in every process the tests start (which inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 import signal
