@@ -85,14 +85,20 @@ def report(check: str, **figures: Any) -> None:
     print(f"gpu-check {check}: {shown}", flush=True)
 
 
-def build_project(root: Path) -> dict[str, Any]:
-    """Synthetic data and the demo's tiny models under `root`; the demo's params pointing at them."""
+def build_project(root: Path, tiny: Path | None = None) -> dict[str, Any]:
+    """Synthetic data and the demo's tiny models under `root`; the demo's params pointing at them. With
+    `tiny` (a folder as `pipeline.demo.prepare` writes it), its tiny models instead of new ones: they were
+    pre-trained on the demo's training captions, of which these are the first (the same seed)."""
     started = time.perf_counter()
     data = make_dataset(root / "ktvic", TRAIN_IMAGES, TEST_IMAGES)
-    train = read_annotations(*find_layout(data)["train"])
-    clip_config, clip_weights = make_tiny_clip(root / "models/clip", [(r.path, c) for r in train for c in r.captions])
-    lm = make_tiny_lm(caption_groups(data), root / "models/lm")
     params = demo_params()
+    if tiny is None:
+        train = read_annotations(*find_layout(data)["train"])
+        clip_config, clip_weights = make_tiny_clip(root / "models/clip", [(r.path, c) for r in train for c in r.captions])
+        lm = make_tiny_lm(caption_groups(data), root / "models/lm")
+    else:
+        clip_config, clip_weights, lm = (tiny / params[s][k] for s, k in (("clip", "config"), ("clip", "pretrained"),
+                                                                          ("lm", "name")))
     params["data"]["root"] = str(data)
     params["clip"].update(pretrained=str(clip_weights), config=str(clip_config))
     params["lm"]["name"] = str(lm)
@@ -246,9 +252,9 @@ def check_decoding(config: Config, reference: list[str], captions: list[str], ne
     return agreement
 
 
-def check_all(root: Path, device: torch.device, reference_device: torch.device = CPU) -> None:
+def check_all(root: Path, device: torch.device, reference_device: torch.device = CPU, tiny: Path | None = None) -> None:
     """The whole check, outside pytest: `device` against `reference_device` (cpu against cpu for a dry run)."""
-    params = build_project(root)
+    params = build_project(root, tiny)
     reference = run_stages(params, root / "reference", reference_device)
     other = run_stages(params, root / "device", device)
     check_extraction(reference, other)
@@ -265,9 +271,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests below run the same check for real")
-def test_the_check_itself_runs_cpu_against_cpu(tmp_path):
-    """CI has no GPU: this keeps the check's own code running against today's pipeline."""
-    check_all(tmp_path, CPU)
+def test_the_check_itself_runs_cpu_against_cpu(tmp_path, tiny):
+    """CI has no GPU: this keeps the check's own code running against today's pipeline (on the suite's tiny
+    models: building them is the tiny fixture's test)."""
+    check_all(tmp_path, CPU, tiny=tiny)
 
 
 @pytest.fixture(scope="module")
