@@ -48,7 +48,7 @@ def _fingerprint(config: Config, model_name: str, stores: dict[str, FeatureStore
         "stores": {split: store.identity() for split, store in stores.items()},
         "start_from": start,
         # SCST picks its best epoch by validation captions decoded with the score settings.
-        "score": config.score.model_dump() if start else None,
+        "decoding": config.score.decoding() if start else None,
         "processes": distributed.world_size(),
     })
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.config import dump_config, load_config, yaml_parser
+from pipeline.core.config import DECODING, dump_config, load_config, yaml_parser
 from pipeline.core.names import ENCODERS, MODELS
 from pipeline.demo import dvc
 
@@ -55,6 +55,23 @@ def test_a_models_training_params_are_a_param_of_its_training_alone():
         readers = {name for name, stage in stages.items() for key in stage.get("params", [])
                    if key in ("train", f"train.{model}") or key.startswith(f"train.{model}.")}
         assert readers == {f"train_{model}"}, model
+
+
+def test_scst_training_reads_the_decoding_settings_not_the_whole_score_section():
+    """SCST picks its best epoch by validation captions decoded with the score settings: those are its params;
+    how captions are counted (score.protocol) and where results go (score.out) are not."""
+    stages = yaml_parser().load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    read = [key for key in stages["train_viclipcap_scst"]["params"] if key.split(".")[0] == "score"]
+    assert sorted(read) == sorted(f"score.{key}" for key in DECODING)
+
+
+@pytest.mark.slow
+def test_changing_the_scoring_protocol_rescores_without_retraining(demo_copy):
+    params = load_config(demo_copy / "params.yaml").model_dump()
+    params["score"]["protocol"] = "syllable"
+    (demo_copy / "params.yaml").write_text(dump_config(params))
+    changed = dvc(demo_copy, "status")
+    assert "score_viclipcap_scst" in changed and "train_" not in changed, changed
 
 
 @pytest.mark.slow

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 from contextlib import chdir
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from pipeline.core import paths
 from pipeline.core.io import read_json
+from pipeline.data.annotations import load_splits
 from pipeline.data.features import open_store
+from pipeline.decoding.beam import caption_features
 from pipeline.decoding.sampling import sample
+from pipeline.evaluation.text import protocol_text
 from pipeline.models import load_model
-from pipeline.training.scst import advantages
+from pipeline.training.scst import ImageSet, SelfCritical, advantages
+from stages import train
 
 CPU = torch.device("cpu")
 SCST = "viclipcap_scst"
@@ -74,3 +79,32 @@ def test_scst_metrics_are_scored_like_the_others(demo, config):
         metrics = read_json(paths.metrics_path(config, SCST))
         baseline = read_json(paths.metrics_path(config, "viclipcap"))
     assert metrics["images"] == baseline["images"] and metrics["protocol"] == baseline["protocol"]
+
+
+def test_a_resumed_scst_run_survives_a_change_of_scoring_protocol(tiny_config):
+    """The resume checkpoint belongs to the decoding settings SCST validates with, not to the whole score
+    section: counting captions otherwise (score.protocol) or writing results elsewhere keeps it."""
+    def fingerprint(**score):
+        config = tiny_config.model_copy(update={"score": tiny_config.score.model_copy(update=score)})
+        return train._fingerprint(config, SCST, {}, {"model": "viclipcap"})
+
+    kept = fingerprint()
+    assert fingerprint(protocol="word") == kept and fingerprint(out="elsewhere") == kept
+    assert fingerprint(beam_size=tiny_config.score.beam_size + 1) != kept
+
+
+def test_validation_decodes_as_score_does_whatever_the_training_precision(demo, config, monkeypatch):
+    """SCST's best epoch is the one whose validation captions, decoded as `viclip score` decodes them (fp32,
+    the score settings), score best: under a bf16 training policy too."""
+    with chdir(demo):
+        model, _ = load_model(paths.model_dir(config, "viclipcap"), CPU)
+        data = ImageSet.build(load_splits(config.data)["val"], open_store(paths.store_path(config, "val"), {}), CPU)
+    texts = caption_features(model, data.features, config.score, None).texts
+    expected = float(data.cider.scores([protocol_text(t) for t in texts], np.arange(len(texts))).mean())
+    under_autocast = []
+    start_decoding = model.start_decoding
+    monkeypatch.setattr(model, "start_decoding", lambda *args: (
+        under_autocast.append(torch.is_autocast_enabled("cpu")), start_decoding(*args))[1])
+    objective = SelfCritical(model, {"val": data}, config.train.viclipcap_scst, config.score)
+    assert objective.validate(model, "bf16") == expected
+    assert under_autocast and not any(under_autocast)

@@ -140,6 +140,11 @@ class TrainConfig(_Section):
     cnn_lstm: TrainSettings
 
 
+# The score settings that decide which captions a model decodes (SCST's validation decodes with them);
+# the others say how captions are counted and where the results go.
+DECODING = ("beam_size", "max_length", "length_penalty", "batch_size")
+
+
 class ScoreConfig(_Section):
     beam_size: int = Field(gt=0)
     max_length: int = Field(gt=0)  # caption tokens, the stop included
@@ -149,6 +154,9 @@ class ScoreConfig(_Section):
     # (the KTVIC paper's), or both (pipeline.evaluation.protocols).
     protocol: Literal["syllable", "word", "both"]
     out: str  # metrics go to OUT/<model>.json, captions to OUT/<model>.captions.json
+
+    def decoding(self) -> dict[str, Any]:
+        return self.model_dump(include=set(DECODING))
 
 
 class CompareConfig(_Section):

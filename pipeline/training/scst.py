@@ -103,11 +103,11 @@ def scst_epoch(
     return total / drawn
 
 
-def validation_cider(model: CaptionModel, data: ImageSet, settings: ScoreConfig, policy: Precision) -> float:
-    """CIDEr-D of the split's captions decoded as `viclip score` decodes them (every rank decodes it all)."""
+def validation_cider(model: CaptionModel, data: ImageSet, settings: ScoreConfig) -> float:
+    """CIDEr-D of the split's captions decoded as `viclip score` decodes them, in fp32 whatever precision
+    training runs in (every rank decodes it all)."""
     model.eval()
-    with autocast(data.features.device, policy):
-        texts = caption_features(model, data.features, settings, description=None).texts
+    texts = caption_features(model, data.features, settings, description=None).texts
     return float(data.cider.scores([protocol_text(t) for t in texts], np.arange(len(texts))).mean())
 
 
@@ -131,4 +131,5 @@ class SelfCritical:
         return scst_epoch(trained, self.model, self.data["train"], self.settings, optimisation, generator, description)
 
     def validate(self, model: CaptionModel, policy: Precision) -> float:
-        return validation_cider(model, self.data["val"], self.decoding, policy)
+        """`policy` is training's: validation decodes as `viclip score` does, in fp32."""
+        return validation_cider(model, self.data["val"], self.decoding)
