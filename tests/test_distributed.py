@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,6 +194,36 @@ def test_a_checkpoint_of_other_settings_is_ignored(project):
     garbage = run("train")
     assert "unreadable checkpoint ignored" in garbage.stderr
     assert (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes() == fresh
+
+
+# In a copy of the sources: the code digest as training takes it, then after editing code training never
+# loads, then after editing code it runs.
+DIGESTS = """
+import sys
+from pathlib import Path
+import stages.train
+from pipeline.training.checkpoint import code_digest
+root = Path(sys.argv[1])
+digests = [code_digest()]
+for edited in ("pipeline/serve/app.py", "pipeline/evaluation/report.py", "pipeline/training/optimisation.py"):
+    with open(root / edited, "a") as source:
+        source.write("# edited\\n")
+    digests.append(code_digest())
+print(*digests)
+"""
+
+
+def test_a_checkpoint_belongs_to_the_code_training_runs(tmp_path):
+    """Editing the service or the report keeps a half-finished run's checkpoint; editing training's code does not."""
+    root = Path(__file__).resolve().parents[1]
+    for package in ("pipeline", "stages"):
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-c", DIGESTS, str(tmp_path)], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    start, after_serve, after_report, after_training = result.stdout.split()
+    assert start == after_serve == after_report
+    assert after_training != start
 
 
 def _rank_pid(marker: str, rank: int) -> int | None:

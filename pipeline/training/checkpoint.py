@@ -3,8 +3,8 @@
 DVC deletes a stage's outputs before it runs the stage, so the file lives beside the model directory, not
 in it (`paths.checkpoint_path`). It holds what is trained, the best epoch's weights so far, the optimiser,
 scheduler and gradient scaler, every random generator of every rank and the shuffle generator, the
-epoch and log so far, and a fingerprint of the settings, data and code it belongs to. A run whose
-fingerprint differs ignores it (and says so). It is written atomically, and removed once the model
+epoch and log so far, and a fingerprint of the settings, data and code it belongs to (the code the
+training process has loaded). A run whose fingerprint differs ignores it (and says so). It is written atomically, and removed once the model
 directory is written.
 
 It is loaded with `torch.load(weights_only=True)`, which rebuilds tensors and plain Python values and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,15 @@ FORMAT = "viclip-resume/1"
 
 
 def code_digest() -> str:
-    """A digest of viclip's own source (pipeline/ and stages/): a checkpoint belongs to the code that wrote it."""
+    """A digest of the viclip source this process has loaded (modules of pipeline/ and stages/): a checkpoint
+    belongs to the code that wrote it. Code a training run never loads (the service, the report) is not
+    in it, so editing that code keeps a half-finished run."""
     root = Path(pipeline.__file__).resolve().parent.parent
+    packages = (root / "pipeline", root / "stages")
+    loaded = {Path(module.__file__).resolve() for module in list(sys.modules.values())
+              if getattr(module, "__file__", None)}
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("pipeline/**/*.py"), *root.glob("stages/*.py")]):
+    for path in sorted(p for p in loaded if p.suffix == ".py" and any(p.is_relative_to(d) for d in packages)):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
