@@ -90,7 +90,8 @@ def train(model: ModelName = MODELS[0], params: Params = Path("params.yaml")) ->
 def score(
     captions: Annotated[Optional[Path], typer.Option(
         help="Score this COCO results file (JSON list of {image_id, caption}) instead of decoding.")] = None,
-    model: ModelName = MODELS[0],
+    model: Annotated[Optional[str], typer.Option(
+        help=f"Which model to decode with: {', '.join(MODELS)} (default: {MODELS[0]}).")] = None,
     model_dir: ModelDir = None,
     protocol: Annotated[Optional[str], typer.Option(
         help=f"With --captions: {' | '.join(SETTINGS)} (default: score.protocol in params).")] = None,
@@ -103,6 +104,11 @@ def score(
     from pipeline.evaluation.results import score_file
     from stages import score as stage
 
+    if captions is not None and (model is not None or model_dir is not None):
+        typer.echo("error: --model and --model-dir choose what to decode; --captions scores the file's captions",
+                   err=True)
+        raise typer.Exit(2)
+    model = model or MODELS[0]
     _choice("--model", model, MODELS)
     if protocol is not None:
         _choice("--protocol", protocol, SETTINGS)

@@ -60,6 +60,15 @@ def test_stages_run_from_the_cli_and_score_a_results_file(project):
     assert rescored["cider"] == decoded["cider"] and rescored["bleu_4"] == decoded["bleu_4"]
 
 
+def test_score_captions_refuses_a_model_it_would_not_use(tmp_path):
+    """A results file is scored as it is: naming a model to decode with is a mistake, not something to ignore."""
+    for option in (("--model", "cnn_lstm"), ("--model-dir", str(tmp_path))):
+        result = invoke("score", "--captions", "results.json", *option)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == (
+            "error: --model and --model-dir choose what to decode; --captions scores the file's captions")
+
+
 def test_the_baseline_branch_and_the_comparison_run_from_the_cli(project):
     for args in (("extract", "--encoder", "cnn"), ("train", "--model", "cnn_lstm"), ("score", "--model", "cnn_lstm"),
                  ("extract",), ("train",), ("score",)):
