@@ -145,6 +145,10 @@ def test_caption_sets_cut_batches_to_the_longest_caption(demo, config):
         store = open_store("artifacts/features/clip/val.h5", {})
     data = CaptionSet.build(records, store, lm.encode, 60, CPU)
     assert len(data) == 5 * len(records)
-    for embeddings, tokens, mask, _ in data.batches(7):
-        assert mask[:, -1].any() and mask.sum(1).tolist() == [int(m.sum()) for m in mask]
+    encoded = lm.encode([caption for record in records for caption in record.captions])
+    for start, (embeddings, tokens, mask, _) in zip(range(0, len(data), 7), data.batches(7)):  # in order, unshuffled
+        captions = encoded[start : start + 7]
+        assert mask.shape[1] == max(len(c) for c in captions)  # cut to the batch's longest caption
+        assert mask.sum(1).tolist() == [len(c) for c in captions]
+        assert [row[mask_row].tolist() for row, mask_row in zip(tokens, mask)] == captions  # a prefix of real tokens
         assert embeddings.shape == (len(tokens), store.embeddings.shape[1])
