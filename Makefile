@@ -36,7 +36,7 @@ bench: $(BIN)/viclip
 # On a GPU machine with a stock PyTorch image and no venv (README: "Checking a GPU"): the CUDA tests
 # (tests/gpu: extract, train and decode on CUDA against the CPU), then the extract, train and decode
 # benchmarks. Both run, whichever fails; results are written as they come. Dependencies come from
-# PYTHONPATH (the wheels of ../shared/gpu/wheels.sh), the repository root is put in front of them.
+# PYTHONPATH (the wheels README.md's "Checking a GPU" downloads), the repository root put in front of them.
 GPU_PYTHON ?= python3
 GPU_RESULTS ?= artifacts/gpu-check
 GPU_BENCH_OUT ?= benchmarks/results/gpu-$(shell date +%Y-%m-%d).json

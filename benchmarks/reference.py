@@ -1,9 +1,9 @@
 """The field's reference implementation (ClipCap), written plainly, to measure viclip against.
 
-Each function does the work the reference does, in the way it does it
-(FACTS.md): one image per CLIP call, once per caption; every caption padded to
-one fixed length, fp32, logits over every position and gradients through the
-"frozen" LM's weights; beam search on one image at a time, re-running the whole
+Each function does the work the reference does, in the way it does it (docs/conventions.md,
+"The reference implementation's input pipeline"): one image per CLIP call, once per caption;
+every caption padded to one fixed length, fp32, logits over every position and gradients
+through the "frozen" LM's weights; beam search on one image at a time, re-running the whole
 sequence at every step without a key/value cache.
 """
 

@@ -1,9 +1,9 @@
 """KTVIC (and any COCO-like Vietnamese caption set in its layout): images and their captions.
 
-Two layouts are in circulation (see FACTS.md); both are read. Captions are
-normalised to Unicode NFC and lowercase here, once, so every later stage sees
-the same text. A validation split is carved out of train by image, never by
-caption, with a fixed seed.
+Two layouts are in circulation (docs/conventions.md, "KTVIC layouts"); both are
+read. Captions are normalised to Unicode NFC and lowercase here, once, so every
+later stage sees the same text. A validation split is carved out of train by
+image, never by caption, with a fixed seed.
 """
 
 from __future__ import annotations

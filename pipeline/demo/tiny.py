@@ -26,7 +26,7 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
 }
 
-# The two tokenizer conventions of Vietnamese GPT-2 checkpoints (FACTS.md).
+# The two tokenizer conventions of Vietnamese GPT-2 checkpoints (docs/conventions.md, "Vietnamese GPT-2 tokenizers").
 CONVENTIONS = {
     "gpt2news": {"specials": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
                  "roles": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}},

@@ -1,8 +1,8 @@
 """The Vietnamese GPT-2 and its tokenizer, whichever convention the checkpoint follows; frozen, or trained.
 
-Two conventions are in circulation (FACTS.md): gpt2news-style (`<s> <pad> </s>`,
-pad is not id 0, tokenizer.json only) and NlpHUST-style (`<|endoftext|>` only,
-no pad token). Padding never reaches the loss (labels -100), so a missing pad
+Two conventions are in circulation (docs/conventions.md, "Vietnamese GPT-2 tokenizers"):
+gpt2news-style (`<s> <pad> </s>`, pad is not id 0, tokenizer.json only) and NlpHUST-style
+(`<|endoftext|>` only, no pad token). Padding never reaches the loss (labels -100), so a missing pad
 token costs nothing.
 
 What ends a caption is `lm.stop`: a text such as "." that the LM already
