@@ -18,10 +18,11 @@ from pipeline.core.errors import ViclipError
 from pipeline.data.annotations import load_splits
 from pipeline.encoders.cnn import load_cnn
 from pipeline.evaluation import metrics
-from pipeline.evaluation.report import display_name, read_markdown_table
+from pipeline.evaluation.report import display_name
 from pipeline.evaluation.text import protocol_text
 from pipeline.models.cnn_lstm import END, SPECIALS, UNK, Vocabulary
 from stages import score
+from tests.report_tables import read_markdown_table
 
 CPU = torch.device("cpu")
 

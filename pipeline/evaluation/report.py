@@ -275,13 +275,12 @@ def _note_bullets(metrics: Mapping[str, Mapping[str, Any]], run: SharedRun) -> l
 def comparison_markdown(
     metrics: Mapping[str, Mapping[str, Any]],
     models: Mapping[str, Mapping[str, Any]],
-    title_note: str = "",
     chart: str = "comparison.png",
     reported: Mapping[str, Scores] = REPORTED,
 ) -> str:
     """The Markdown report: a metrics table per protocol, the models, the notes, the chart."""
     run = _shared_run(metrics)
-    title = _title(run.models) + (f" ({title_note})" if title_note else "")
+    title = _title(run.models)
     scorers = {str((runs[model].get("protocol") or {}).get("scorers")) for runs in run.protocols.values()
                for model in runs}
     lines = [
@@ -308,38 +307,6 @@ def comparison_markdown(
         "",
     ]
     return "\n".join(lines)
-
-
-def _parse_cell(cell: str) -> float | None:
-    text = cell.strip().strip("*").strip()
-    return None if text in (MISSING_RUN, MISSING_REPORTED) else float(text)
-
-
-def _cells(line: str) -> list[str]:
-    return [cell.strip() for cell in line.strip().strip("|").split("|")]
-
-
-def read_markdown_table(markdown: str, protocol: str = "syllable") -> dict[str, dict[str, float | None]]:
-    """One protocol's comparison table read back: {column display name: {metric key: value}}."""
-    lines = markdown.splitlines()
-    heading = f"## {protocol.capitalize()} protocol"
-    section = next((i for i, line in enumerate(lines) if line == heading), None)
-    start = None if section is None else next(
-        (i for i, line in enumerate(lines) if i > section and line.startswith("| Metric |")), None)
-    if start is None:
-        raise ViclipError(f"comparison: no table with a '| Metric |' header under {heading!r}")
-    columns = _cells(lines[start])[1:]
-    keys = {label: key for key, label in ROWS}
-    table: dict[str, dict[str, float | None]] = {column: {} for column in columns}
-    for line in lines[start + 2:]:  # past the header and its |---| line
-        if not line.startswith("|"):
-            break
-        label, *values = _cells(line)
-        if label not in keys:
-            raise ViclipError(f"comparison table: unknown metric row {label!r}")
-        for column, value in zip(columns, values):
-            table[column][keys[label]] = _parse_cell(value)
-    return table
 
 
 def bar_chart(
