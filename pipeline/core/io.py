@@ -1,4 +1,5 @@
-"""Atomic writes: an interrupted run never leaves an artifact that looks complete.
+"""Atomic writes: an interrupted run never leaves an artifact that looks complete. And the one digest of a
+JSON value that fingerprints are made of.
 
 Everything is first written under a hidden ".partial" name in the destination's
 own directory (so the final rename stays on one filesystem) and renamed into
@@ -7,6 +8,7 @@ place only once complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -64,3 +66,9 @@ def read_json(path: str | Path, hint: str = "") -> Any:
         raise ViclipError(f"{path}: no such file" + (f" ({hint})" if hint else "")) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ViclipError(f"{path}: not valid JSON ({error})") from None
+
+
+def json_digest(value: Any) -> str:
+    """The sha256 (hex) of a JSON value, its keys sorted: equal values, equal digests."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

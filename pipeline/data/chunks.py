@@ -24,7 +24,6 @@ process writes. So every rank must see the work folder (one machine, or a shared
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,17 +39,13 @@ import torch
 
 from pipeline.core import distributed
 from pipeline.core.errors import ViclipError
-from pipeline.core.io import atomic_path
+from pipeline.core.io import atomic_path, json_digest
 from pipeline.data.features import StoreWriter
 from pipeline.encoders.base import ImageEncoder
 from pipeline.encoders.images import encode_files
 
 FORMAT = "viclip-chunk/1"
 Bad = tuple[int, str]  # a bad image: its position in the split, and why
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -84,10 +79,10 @@ class SplitChunks:
         self.files, self.ids, self.attrs, self.dtype = list(files), ids, dict(attrs), dtype
         self.batch_size = batch_size
         size = batch_size * chunk_batches
-        self.settings = _digest({
+        self.settings = json_digest({
             "format": FORMAT, "attrs": self.attrs, "dtype": dtype, "files": [str(f) for f in self.files],
             "ids": ids.tolist(), "batch_size": batch_size, "chunk_size": size,
-        })
+        })[:16]
         self.chunks = [
             Chunk(index, start, min(start + size, len(self.files)), self.folder / self.settings / f"{index:06d}.h5")
             for index, start in enumerate(range(0, len(self.files), size))
@@ -95,7 +90,7 @@ class SplitChunks:
 
     def fingerprint(self, chunk: Chunk) -> str:
         """The settings, and the chunk's files as they are on disk now."""
-        return _digest([self.settings, [_stat(path) for path in self.files[chunk.start:chunk.stop]]])
+        return json_digest([self.settings, [_stat(path) for path in self.files[chunk.start:chunk.stop]]])[:16]
 
     def encode(self, encoder: ImageEncoder, num_workers: int, device: torch.device, label: str) -> list[Bad]:
         """Encode the chunks not yet done, shared out across ranks; every rank returns the split's bad images,

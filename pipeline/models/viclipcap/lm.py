@@ -20,22 +20,33 @@ base weights it was trained from, so their digest is part of the fingerprint.
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers import logging as hf_logging
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import NewGELUActivation
 
 from pipeline.core.config import LmTrain, LoraSettings
 from pipeline.core.errors import ViclipError
+from pipeline.core.io import json_digest
 from pipeline.models.base import load_weights, save_weights
 
 END_OF_TEXT_CANDIDATES = ("</s>", "<|endoftext|>")
@@ -98,8 +109,9 @@ class LanguageModel:
         """What a trained mapper depends on: recorded in the model directory, checked when it is loaded."""
         config = {key: getattr(self.model.config, key, None) for key in ARCHITECTURE}
         return {
-            "tokenizer": _digest([sorted(self.tokenizer.get_vocab().items()), sorted(self.tokenizer.all_special_tokens)]),
-            "config": _digest(config),
+            "tokenizer": "sha256:" + json_digest([sorted(self.tokenizer.get_vocab().items()),
+                                                  sorted(self.tokenizer.all_special_tokens)]),
+            "config": "sha256:" + json_digest(config),
             "embedding_rows": self.vocab_size,
             "width": self.width,
             "stop": self.stop_text,
@@ -123,11 +135,6 @@ class LanguageModel:
             load_weights(self.model, directory / TRAINED_WEIGHTS["full"])
         elif self.train == "lora":
             load_weights(self.adapters, directory / TRAINED_WEIGHTS["lora"], _load_adapters)
-
-
-def _digest(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def weights_digest(model: nn.Module) -> str:
