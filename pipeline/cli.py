@@ -174,6 +174,18 @@ def compare(params: Params = Path("params.yaml")) -> None:
 
 
 @app.command()
+def workflow(
+    check: Annotated[bool, typer.Option(help="Only check that dvc.yaml is what it would write.")] = False,
+    path: Annotated[Path, typer.Option(help="The DVC pipeline file.")] = Path("dvc.yaml"),
+) -> None:
+    """Write dvc.yaml from the registries of feature stores and models (after adding one)."""
+    from pipeline import workflow as dvc_file
+
+    with _clear_errors():
+        typer.echo(dvc_file.write(path, check))
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Which model, or all: every trained one, side by side.")] = MODELS[0],
     host: Annotated[str, typer.Option(help="The address to listen on (only this machine by default).")] = "127.0.0.1",

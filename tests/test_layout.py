@@ -20,7 +20,8 @@ PACKAGES = ("pipeline", "stages")
 TOP = {"pipeline.cli"}  # the only module that may run the stages
 # Bottom to top. The baseline's vocabulary counts syllables as the scoring protocol does, so `models` stands
 # on `evaluation`'s text; chunked extraction runs an encoder, so `data` stands on `encoders`.
-LAYERS = ("core", "encoders", "data", "evaluation", "models", "decoding", "training", "serve", "demo", "stages", "cli")
+LAYERS = ("core", "encoders", "data", "evaluation", "models", "decoding", "training", "workflow", "serve", "demo",
+          "stages", "cli")
 
 
 def module_name(path: Path) -> str:

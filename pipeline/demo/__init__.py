@@ -102,6 +102,7 @@ def prepare(workdir: Path, train_images: int = 400, test_images: int = 80,
     write_text(workdir / "params.yaml", dump_config(params))
     if not (workdir / ".dvc").is_dir():
         dvc(workdir, "init", "--no-scm", "--quiet")
+    shutil.copyfile(_project_file(".dvcignore"), workdir / ".dvcignore")
     return workdir
 
 

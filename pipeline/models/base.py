@@ -75,6 +75,8 @@ class Family:
     # From the training split (its records and its feature store) and the store's attributes.
     build: Callable[[Config, Sequence[ImageRecord], FeatureStore | None, dict[str, Any], torch.device], CaptionModel]
     rebuild: Callable[[Path, dict[str, BaseModel | None], dict[str, Any], torch.device], CaptionModel]
+    # The params.yaml sections it reads besides data and train (its store's among them): its DVC params.
+    reads: tuple[str, ...]
     # The params as this model reads them: a variant puts its own settings where the family reads them.
     view: Callable[[Config], Config] = lambda config: config
     optional: tuple[str, ...] = ()  # sections a view may leave out (None, null in config.json)

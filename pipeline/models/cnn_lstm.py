@@ -194,4 +194,4 @@ def rebuild(
     return model.to(device)
 
 
-register("cnn_lstm", Family("cnn", ("cnn", "lstm"), build, rebuild))
+register("cnn_lstm", Family("cnn", ("cnn", "lstm"), build, rebuild, reads=("cnn", "lstm")))

@@ -192,10 +192,12 @@ def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval 
     return Captioner(build_mapper(mapper, encoder["embedding_dim"], lm.width).to(device), lm, retrieval)
 
 
-def captioner_family(encoder: str = "clip", view: Callable[[Config], Config] = lambda config: config) -> Family:
-    """This captioner reading feature store `encoder` under a `view` of the params: viclipcap and its variants
-    differ only in these."""
-    return Family(encoder, ("clip", "lm", "mapper", "retrieval"), build, rebuild, view=view, optional=("retrieval",))
+def captioner_family(encoder: str = "clip", view: Callable[[Config], Config] = lambda config: config,
+                     reads: tuple[str, ...] = ("clip", "lm", "mapper")) -> Family:
+    """This captioner reading feature store `encoder` under a `view` of the params sections it `reads`:
+    viclipcap and its variants differ only in these."""
+    return Family(encoder, ("clip", "lm", "mapper", "retrieval"), build, rebuild, reads, view=view,
+                  optional=("retrieval",))
 
 
 register("viclipcap", captioner_family(view=lambda config: config.model_copy(update={"retrieval": None})))

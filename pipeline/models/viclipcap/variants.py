@@ -31,6 +31,8 @@ def _scst(config: Config) -> Config:
     return REGISTRY[config.train.viclipcap_scst.start_from].view(config)
 
 
-register("viclipcap_rag", captioner_family())
+register("viclipcap_rag", captioner_family(reads=("clip", "lm", "mapper", "retrieval")))
+# What its starting model reads changes that model's directory, on which it depends.
 register("viclipcap_scst", captioner_family(view=_scst))
-register("viclipcap_published", captioner_family("clip_published", view=_published))
+register("viclipcap_published", captioner_family("clip_published", view=_published,
+                                                 reads=("clip_published", "lm", "viclipcap_published")))
