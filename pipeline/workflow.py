@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.core.config import DECODING, ScstSettings, TrainConfig
+from pipeline.core.config import DECODING
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import write_text
 from pipeline.core.names import ENCODERS, MODELS
@@ -60,7 +60,7 @@ def extract(store: str) -> dict:
 
 def train(name: str) -> dict:
     recipe = family(name)
-    scst = TrainConfig.model_fields[name].annotation is ScstSettings
+    scst = recipe.objective == "scst"
     start = [_model(f"${{train.{name}.start_from}}")] if scst else []
     return {
         "cmd": f"viclip train --model {name}",

@@ -17,8 +17,8 @@ from pipeline.decoding.beam import caption_features
 from pipeline.decoding.sampling import sample
 from pipeline.evaluation.text import protocol_text
 from pipeline.models import load_model
+from pipeline.training import trainer
 from pipeline.training.scst import ImageSet, SelfCritical, advantages
-from stages import train
 
 CPU = torch.device("cpu")
 SCST = "viclipcap_scst"
@@ -86,7 +86,7 @@ def test_a_resumed_scst_run_survives_a_change_of_scoring_protocol(tiny_config):
     section: counting captions otherwise (score.protocol) or writing results elsewhere keeps it."""
     def fingerprint(**score):
         config = tiny_config.model_copy(update={"score": tiny_config.score.model_copy(update=score)})
-        return train._fingerprint(config, SCST, {}, {"model": "viclipcap"})
+        return trainer.fingerprint(config, SCST, {}, {"model": "viclipcap"})
 
     kept = fingerprint()
     assert fingerprint(protocol="word") == kept and fingerprint(out="elsewhere") == kept

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel
@@ -77,6 +77,9 @@ class Family:
     rebuild: Callable[[Path, dict[str, BaseModel | None], dict[str, Any], torch.device], CaptionModel]
     # The params.yaml sections it reads besides data and train (its store's among them): its DVC params.
     reads: tuple[str, ...]
+    # How it trains: teacher-forced cross-entropy, or self-critical training from a trained model (its
+    # train settings' start_from).
+    objective: Literal["cross_entropy", "scst"] = "cross_entropy"
     # The params as this model reads them: a variant puts its own settings where the family reads them.
     view: Callable[[Config], Config] = lambda config: config
     optional: tuple[str, ...] = ()  # sections a view may leave out (None, null in config.json)

@@ -193,10 +193,10 @@ def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval 
 
 
 def captioner_family(encoder: str = "clip", view: Callable[[Config], Config] = lambda config: config,
-                     reads: tuple[str, ...] = ("clip", "lm", "mapper")) -> Family:
-    """This captioner reading feature store `encoder` under a `view` of the params sections it `reads`:
-    viclipcap and its variants differ only in these."""
-    return Family(encoder, ("clip", "lm", "mapper", "retrieval"), build, rebuild, reads, view=view,
+                     reads: tuple[str, ...] = ("clip", "lm", "mapper"), objective: str = "cross_entropy") -> Family:
+    """This captioner reading feature store `encoder` under a `view` of the params sections it `reads`,
+    trained by `objective`: viclipcap and its variants differ only in these."""
+    return Family(encoder, ("clip", "lm", "mapper", "retrieval"), build, rebuild, reads, objective, view=view,
                   optional=("retrieval",))
 
 

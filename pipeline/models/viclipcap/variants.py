@@ -33,6 +33,6 @@ def _scst(config: Config) -> Config:
 
 register("viclipcap_rag", captioner_family(reads=("clip", "lm", "mapper", "retrieval")))
 # What its starting model reads changes that model's directory, on which it depends.
-register("viclipcap_scst", captioner_family(view=_scst))
+register("viclipcap_scst", captioner_family(view=_scst, objective="scst"))
 register("viclipcap_published", captioner_family("clip_published", view=_published,
                                                  reads=("clip_published", "lm", "viclipcap_published")))
