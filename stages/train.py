@@ -37,7 +37,7 @@ def run(config: Config, model_name: str = names.MODEL) -> str:
 
     model = recipe.build(config, records["train"], stores["train"], encoder, device)
     objective, start = trainer.objective_for(model_name, config, model, records, stores, encoder, device)
-    run = trainer.Trainer(model_name, model, objective, getattr(config.train, model_name), config, device,
+    run = trainer.Trainer(model_name, model, objective, config, device,
                           trainer.fingerprint(config, model_name, stores, start), start, started)
     state = run.fit()
 
@@ -62,8 +62,7 @@ def run(config: Config, model_name: str = names.MODEL) -> str:
             write_text(model_dir / "params.yaml", dump_config(params))
         run.finish()
 
-    settings = getattr(config.train, model_name)
-    stopped = f", stopped early at epoch {state.epoch}" if state.epoch < settings.epochs else ""
+    stopped = f", stopped early at epoch {state.epoch}" if state.epoch < run.settings.epochs else ""
     began = f" (from {start['model']}: {state.first_value:.4f})" if start else ""
     return (
         f"train {model_name}: {len(objective.data['train'])} {'images' if start else 'captions'}, "

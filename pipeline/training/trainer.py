@@ -114,13 +114,16 @@ class Trainer:
     name: str
     model: CaptionModel
     objective: Objective
-    settings: TrainSettings
     config: Config  # as the model reads it
     device: torch.device
     fingerprint: str
     start: dict | None  # the trained model it starts from
     started: float  # time.perf_counter() when the run began: the time it records counts from there
     optimisation: Optimisation = field(init=False)
+
+    @property
+    def settings(self) -> TrainSettings:
+        return getattr(self.config.train, self.name)
 
     def fit(self) -> TrainerState:
         started = self.started
