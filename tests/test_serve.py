@@ -8,12 +8,16 @@ import asyncio
 import dataclasses
 import io
 import json
+import re
+import sys
+import sysconfig
 import threading
 from contextlib import chdir
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from skimage import data as photos
@@ -105,6 +109,7 @@ def test_health_and_what_is_loaded(client, demo):
         assert described["display"] == display_name(model)
     by_name = {m["model"]: m for m in info["models"]}
     assert by_name["viclipcap"]["lm"]["name"] == "models/lm" and by_name["cnn_lstm"]["lm"] is None
+    assert by_name["viclipcap"]["lm"]["train"] == "frozen"
     assert info["defaults"] == {"beam_size": 3, "max_length": 24}
 
 
@@ -265,6 +270,108 @@ def test_the_page_and_what_it_shows(client, demo):
     assert len(samples) == 4
     assert Image.open(io.BytesIO(client.get(samples[0]["url"]).content)).size[0] > 0
     assert_error(client.get("/v1/samples/4"), 404, "no sample 4")
+
+
+# An absolute path in free text: a slash that starts a word (not one inside a URL, a relative path or "1/2").
+ABSOLUTE = re.compile(r"(?<![\w.~:/-])/([\w.@+-]+)")
+
+
+def server_paths(value, roots: list[Path]) -> list[str]:
+    """The strings of a JSON answer (keys too) that name a place on this machine: one of `roots`, or an absolute
+    path whose first folder exists here (/tmp, /work, /usr...; the service's own URLs, /v1/..., do not)."""
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in server_paths(key, roots) + server_paths(item, roots)]
+    if isinstance(value, list):
+        return [found for item in value for found in server_paths(item, roots)]
+    if isinstance(value, str) and (any(str(root) in value for root in roots)
+                                   or any(Path("/", m.group(1)).exists() for m in ABSOLUTE.finditer(value))):
+        return [value]
+    return []
+
+
+def every_answer(client, photo: bytes) -> dict[str, object]:
+    """What each endpoint sends, successes and errors alike."""
+    answers = {url: client.get(url) for url in ("/healthz", "/v1/models", "/v1/report", "/v1/samples", "/v1/samples/99")}
+    answers["POST /v1/captions"] = post(client, [("astronaut.jpg", photo)])
+    answers["POST /v1/captions (not an image)"] = post(client, [("notes.txt", b"not a picture")])
+    assert [r.status_code for r in answers.values()] == [200, 200, 200, 200, 404, 200, 400]
+    answers = {url: response.json() for url, response in answers.items()}
+    answers["/ and its script"] = [client.get("/").text, client.get("/static/app.js").text]
+    return answers
+
+
+def spice_note(jars: Path) -> str:
+    """What `viclip score` notes where SPICE's CoreNLP jars are missing (pipeline/evaluation/spice.py)."""
+    return (f"SPICE needs Stanford CoreNLP 3.6.0 (stanford-corenlp-3.6.0.jar) in {jars}: put the two jars in a folder "
+            "and set VICLIP_CORENLP to it (it cannot be fetched offline)")
+
+
+@pytest.fixture
+def leaky(served, demo, tmp_path) -> Served:
+    """The demo's service, with a server path wherever a run may write one: a metrics note and the report's notes
+    naming the SPICE jars' folder (in pycocoevalcap, or elsewhere), and an LM named by its absolute path (in the
+    project)."""
+    installed = Path(sysconfig.get_paths()["purelib"]) / "pycocoevalcap/spice/lib"  # where pycocoevalcap keeps them
+    report = tmp_path / "compare/comparison.md"
+    report.parent.mkdir()
+    markdown = served.report.read_text(encoding="utf-8")
+    report.write_text(markdown.replace("## Notes\n\n", f"## Notes\n\n- SPICE (syllable): {spice_note(installed)}\n"
+                                                      f"- SPICE (word): {spice_note(tmp_path / 'corenlp')}\n"
+                                                      f"- Captions: {demo / 'artifacts/metrics/viclipcap.captions.json'}\n"),
+                      encoding="utf-8")
+    metrics = {name: m and {**m, "notes": {**m.get("notes", {}), "spice": spice_note(installed)}}
+               for name, m in served.metrics.items()}
+    models = dict(served.models)
+    loaded = models["viclipcap"]
+    lm = loaded.spec.sections["lm"].model_copy(update={"name": str(demo.resolve() / "models/lm")})
+    spec = dataclasses.replace(loaded.spec, sections={**loaded.spec.sections, "lm": lm})
+    models["viclipcap"] = dataclasses.replace(loaded, spec=spec)
+    return dataclasses.replace(served, models=models, metrics=metrics, report=report)
+
+
+def test_no_answer_holds_a_server_path(client, leaky, demo, photo_files, tmp_path):
+    """A client never learns where the service keeps its files: a path in the project goes out relative to it (as
+    params.yaml names it), one in an installed package relative to the packages' folder, any other as …/its name."""
+    roots = [demo, demo.resolve(), Path(sys.prefix), Path(__file__).resolve().parents[1], tmp_path]
+    photo = photo_files["astronaut.jpg"]
+    assert server_paths(every_answer(client, photo), roots) == []
+    with TestClient(create_app(leaky)) as leaky_client:
+        answers = every_answer(leaky_client, photo)
+    assert server_paths(answers, roots) == []
+    by_name = {m["model"]: m for m in answers["/v1/models"]["models"]}
+    assert {name: m["directory"] for name, m in by_name.items()} == {name: f"artifacts/models/{name}" for name in MODELS}
+    assert by_name["viclipcap"]["lm"]["name"] == "models/lm"
+    assert by_name["viclipcap"]["test_metrics"]["notes"]["spice"] == spice_note(Path("pycocoevalcap/spice/lib"))
+    markdown = answers["/v1/report"]["markdown"]
+    assert f"- SPICE (syllable): {spice_note(Path('pycocoevalcap/spice/lib'))}\n" in markdown
+    assert f"- SPICE (word): {spice_note(Path('…/corenlp'))}\n" in markdown
+    assert "- Captions: artifacts/metrics/viclipcap.captions.json\n" in markdown
+
+
+def test_the_report_shows_its_chart_through_the_service(client, served):
+    """The report's image line links the chart's endpoint, not a file beside the report on the server."""
+    report = client.get("/v1/report").json()
+    assert re.findall(r"!\[[^\]]*\]\(([^)]*)\)", report["markdown"]) == [report["chart"]] == ["/v1/report/chart"]
+    assert client.get(report["chart"]).content.startswith(b"\x89PNG")
+    # Without a chart, the line that would show it is left out.
+    with TestClient(create_app(dataclasses.replace(served, chart=None))) as client:
+        report = client.get("/v1/report").json()
+    assert report["chart"] is None and "![" not in report["markdown"] and "| Metric |" in report["markdown"]
+
+
+def test_a_batcher_job_gives_its_captions_and_their_timings(served, photo_files, reference):
+    from pipeline.serve.batcher import JobCaptions, MicroBatcher
+
+    loaded, names = served.models["cnn_lstm"], ["astronaut.jpg", "camera.png"]
+    batcher = MicroBatcher({"cnn_lstm": loaded}, window_s=0, max_batch=32, max_queue=256)
+    try:
+        pixels = torch.stack([loaded.preprocess(open_rgb(io.BytesIO(photo_files[name]))) for name in names])
+        result = batcher.submit("cnn_lstm", pixels, served.defaults).result(timeout=60)
+    finally:
+        batcher.close()
+    assert isinstance(result, JobCaptions)
+    assert result.texts == [reference["cnn_lstm"][name] for name in names] and result.batch_images == 2
+    assert result.model_s > 0 and result.queued_s >= 0
 
 
 @pytest.mark.parametrize("size, limit, fragment", [

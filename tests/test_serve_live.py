@@ -123,7 +123,10 @@ def test_the_page_in_a_real_browser(server, photo):
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == 2)
         report = driver.find_element(By.ID, "report")
         assert report.is_displayed() and "ViCLIPCap" in report.find_element(By.TAG_NAME, "table").text
-        wait.until(lambda d: d.execute_script("return document.getElementById('report-chart').naturalWidth") > 0)
+        # The report's chart is shown as an image, where the markdown puts it, never as its markdown line.
+        assert "![" not in report.text and "comparison.png" not in report.text
+        wait.until(lambda d: d.execute_script("return document.querySelector('#report img.chart').naturalWidth") > 0)
+        assert len(report.find_elements(By.TAG_NAME, "img")) == 1
         assert "Error" not in driver.find_element(By.ID, "status").text
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(SCREENSHOT))

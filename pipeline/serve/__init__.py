@@ -10,6 +10,8 @@ in-process; uvicorn is the ASGI server it is usually run on.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.core import paths
 from pipeline.core.config import Config
 from pipeline.core.devices import best_device
@@ -25,7 +27,8 @@ SAMPLES = 4  # test images the page offers to try
 
 
 def load_served(config: Config, names: list[str]) -> Served:
-    """Load models `names` of the project `config` describes (paths relative to the working directory)."""
+    """Load models `names` of the project `config` describes (paths relative to the working directory, which is
+    the project folder the service's answers name paths relative to)."""
     device = best_device()
     # Resolved now: what the service reads later must not depend on its working directory then.
     models = {name: LoadedModel.load(paths.model_dir(config, name).resolve(), device) for name in names}
@@ -34,7 +37,7 @@ def load_served(config: Config, names: list[str]) -> Served:
         path = paths.metrics_path(config, name)
         metrics[name] = read_json(path) if path.is_file() else None
     return Served(models, config.score, metrics, paths.report_path(config).resolve(),
-                  paths.chart_path(config).resolve(), _samples(config))
+                  paths.chart_path(config).resolve(), _samples(config), root=Path.cwd().resolve())
 
 
 def _samples(config: Config):

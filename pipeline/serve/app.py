@@ -4,7 +4,8 @@
   POST /v1/captions       multipart field `images` (one or more files); optional fields `model`
                           (repeated; default every model served), `beam_size`, `max_length`
   GET  /v1/models         what is loaded, and each run's test metrics
-  GET  /v1/report         the run's comparison table (markdown), if `viclip compare` wrote one
+  GET  /v1/report         the run's comparison table (markdown), if `viclip compare` wrote one; its image line
+                          links the chart's endpoint
   GET  /v1/report/chart   its chart (PNG)
   GET  /v1/samples        names of a few test images to try; GET /v1/samples/{n} sends one
   GET  /healthz           200 while the service is up
@@ -13,6 +14,10 @@ Every error is JSON, {"error": "..."}, with a 4xx status for anything a client s
 from memory (the service never opens a path a client names), checked for its size in bytes, then in
 pixels before its pixels are decoded, then decoded. The body as a whole is limited too, since neither
 the framework nor the server limits it.
+
+No answer names a place on the server's disk: a path goes out relative to the project folder where it lies
+in it (as params.yaml names it), relative to the installed packages' folder where it lies there (the SPICE
+jars' folder in a metrics note: `pycocoevalcap/spice/lib`), and as `…/` and its name elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
+import sysconfig
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -39,7 +46,7 @@ from pipeline.core.config import ScoreConfig
 from pipeline.decoding.inference import LoadedModel
 from pipeline.encoders.images import BadImage, ImageTooLarge, open_rgb
 from pipeline.evaluation.report import display_name
-from pipeline.serve.batcher import Decoded, MicroBatcher, QueueFull
+from pipeline.serve.batcher import JobCaptions, MicroBatcher, QueueFull
 
 STATIC = Path(__file__).parent / "static"
 FIELDS = ("images", "model", "beam_size", "max_length")
@@ -71,6 +78,63 @@ class Served:
     report: Path | None = None  # comparison.md
     chart: Path | None = None  # comparison.png
     samples: tuple[Path, ...] = ()  # test images the page offers to try
+    root: Path | None = None  # the project folder: paths a client sees are relative to it
+
+
+# A path in free text (a metrics note, the report): a slash that starts a word (not one inside a URL, a
+# relative path, "1/2" or a path already shown as `…/name`), up to a space, a quote, a bracket or punctuation
+# that ends a clause.
+ABSOLUTE = re.compile(r"(?<![\w.~:/\\…-])/(?=[\w.@+~-])[^\s'\"`()\[\]<>{},;:|*]+")
+# The report's image line: `![alt](target)`, alone on its line.
+IMAGE_LINE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+PACKAGES = tuple(dict.fromkeys(Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")))
+
+
+def public_path(path: str | Path, root: Path | None) -> str:
+    """A server path as a client may see it: relative to the project folder `root` or to the installed packages'
+    folder where it lies in one, else `…/` and its name; a relative path (as params.yaml names it) as it is."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    bases = [base for folder in ((root,) if root else ()) + PACKAGES for base in dict.fromkeys((folder, folder.resolve()))]
+    for candidate in dict.fromkeys((path, path.resolve())):
+        for base in bases:
+            if candidate.is_relative_to(base):
+                return candidate.relative_to(base).as_posix()
+    return f"…/{path.name}"
+
+
+def public_text(text: str, root: Path | None) -> str:
+    """`text` with every absolute path in it made a `public_path` (a full stop after one stays a full stop)."""
+    def shown(match: re.Match) -> str:
+        path = match.group(0).rstrip(".")
+        return public_path(path, root) + match.group(0)[len(path):]
+
+    return ABSOLUTE.sub(shown, text)
+
+
+def public(value: Any, root: Path | None) -> Any:
+    """JSON `value` (a metrics file, say) with `public_text` applied to every string in it."""
+    if isinstance(value, dict):
+        return {public(key, root): public(item, root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public(item, root) for item in value]
+    return public_text(value, root) if isinstance(value, str) else value
+
+
+def report_markdown(served: Served, chart_url: str | None) -> str | None:
+    """The comparison report as a client gets it: its image line links `chart_url` (where it shows the chart the
+    service serves; any other image line is left out, as is the chart's where there is none), no server path."""
+    if not (served.report and served.report.is_file()):
+        return None
+    lines = []
+    for line in served.report.read_text(encoding="utf-8").splitlines(keepends=True):
+        image = IMAGE_LINE.fullmatch(line.strip())
+        if image is None:
+            lines.append(public_text(line, served.root))
+        elif chart_url and served.chart and (served.report.parent / image[2]).resolve() == served.chart.resolve():
+            lines.append(f"![{image[1]}]({chart_url})\n")
+    return "".join(lines)
 
 
 class ClientError(Exception):
@@ -131,22 +195,23 @@ def _integer(form, name: str, default: int, high: int) -> int:
     return value
 
 
-def describe(loaded: LoadedModel, metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """What GET /v1/models says of one model: enough to know what answers, and how well it scored."""
+def describe(loaded: LoadedModel, metrics: dict[str, Any] | None, root: Path | None = None) -> dict[str, Any]:
+    """What GET /v1/models says of one model: enough to know what answers, and how well it scored. Its paths
+    (its directory, an LM or weights named by path, a metrics note) go out as `public_path`s of project `root`."""
     spec = loaded.spec
     lm = spec.sections.get("lm")
-    return {
+    return public({
         "model": loaded.name,
         "display": display_name(loaded.name),
-        "directory": str(loaded.model_dir),
+        "directory": public_path(loaded.model_dir, root),
         "encoder": {"name": loaded.encoder_name, "model": spec.encoder.get("model"),
                     "weights": spec.encoder.get("weights") or spec.encoder.get("pretrained")},
-        "lm": None if lm is None else {"name": lm.name, "stop": lm.stop, "train": getattr(lm, "train", "frozen")},
+        "lm": None if lm is None else {"name": lm.name, "stop": lm.stop, "train": lm.train},
         "precision": {"training": spec.extra.get("precision"), "decoding": "fp32"},
         "trainable_parameters": spec.extra.get("trainable_parameters"),
         "device": str(loaded.device),
         "test_metrics": metrics,
-    }
+    }, root)
 
 
 def create_app(served: Served, limits: Limits = Limits()) -> FastAPI:
@@ -195,15 +260,15 @@ def create_app(served: Served, limits: Limits = Limits()) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {
-            "models": [describe(loaded, served.metrics.get(name)) for name, loaded in served.models.items()],
+            "models": [describe(loaded, served.metrics.get(name), served.root) for name, loaded in served.models.items()],
             "defaults": {"beam_size": served.defaults.beam_size, "max_length": served.defaults.max_length},
             "limits": asdict(limits),
         }
 
     @app.get("/v1/report")
     async def report() -> dict[str, Any]:
-        markdown = served.report.read_text(encoding="utf-8") if served.report and served.report.is_file() else None
-        return {"markdown": markdown, "chart": "/v1/report/chart" if served.chart and served.chart.is_file() else None}
+        chart_url = "/v1/report/chart" if served.chart and served.chart.is_file() else None
+        return {"markdown": report_markdown(served, chart_url), "chart": chart_url}
 
     @app.get("/v1/report/chart")
     async def chart() -> FileResponse:
@@ -263,7 +328,7 @@ def create_app(served: Served, limits: Limits = Limits()) -> FastAPI:
                 jobs[name] = batchers[loaded.device].submit(name, pixels, settings)
             except QueueFull as full:
                 raise ClientError(503, f"busy: {full}; try again shortly") from None
-        decoded: dict[str, Decoded] = {name: await asyncio.wrap_future(job) for name, job in jobs.items()}
+        decoded: dict[str, JobCaptions] = {name: await asyncio.wrap_future(job) for name, job in jobs.items()}
         return {
             "images": [
                 {"name": name, "width": image.width, "height": image.height,

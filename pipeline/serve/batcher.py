@@ -27,7 +27,7 @@ class QueueFull(Exception):
 
 
 @dataclass(frozen=True)
-class Decoded:
+class JobCaptions:
     """One job's captions, and where its time went."""
 
     texts: list[str]
@@ -66,7 +66,7 @@ class MicroBatcher:
         self._worker.start()
 
     def submit(self, model: str, pixels: torch.Tensor, settings: ScoreConfig) -> Future:
-        """Queue (k, 3, H, W) pixels for `model`; the future gives a `Decoded`. Raises QueueFull at once."""
+        """Queue (k, 3, H, W) pixels for `model`; the future gives its `JobCaptions`. Raises QueueFull at once."""
         job = _Job(model, pixels, settings)
         with self._changed:
             if self._closed:
@@ -131,5 +131,5 @@ class MicroBatcher:
         offset = 0
         for job in batch:
             count = len(job.pixels)
-            job.future.set_result(Decoded(texts[offset:offset + count], start - job.submitted, seconds, len(pixels)))
+            job.future.set_result(JobCaptions(texts[offset:offset + count], start - job.submitted, seconds, len(pixels)))
             offset += count

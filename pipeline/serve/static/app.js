@@ -58,13 +58,25 @@ async function loadSamples() {
   $("samples").hidden = false;
 }
 
-// The comparison report is markdown: headings, paragraphs and pipe tables are all it uses.
+// The comparison report is markdown: headings, paragraphs, pipe tables and its chart's image line are all it
+// uses. The service links that image to its chart's endpoint; an image from anywhere else is not shown.
+const IMAGE = /^!\[([^\]]*)\]\((\/(?!\/)[^)\s]*)\)$/;
+
+function chart(src, alt) {
+  return element("img", { class: "chart", src, alt });
+}
+
 function renderMarkdown(markdown, into) {
   const lines = markdown.split("\n");
   for (let i = 0; i < lines.length; i++) {
     const line = lines[i].trim();
     if (!line) continue;
-    if (line.startsWith("|")) {
+    const image = IMAGE.exec(line);
+    if (image) {
+      into.append(chart(image[2], image[1]));
+    } else if (line.startsWith("![")) {
+      continue;
+    } else if (line.startsWith("|")) {
       const rows = [];
       while (i < lines.length && lines[i].trim().startsWith("|")) rows.push(lines[i++].trim());
       i--;
@@ -101,10 +113,10 @@ function inline(text) {
 async function loadReport() {
   const report = await getJSON("/v1/report");
   if (!report.markdown && !report.chart) return;
-  if (report.markdown) renderMarkdown(report.markdown, $("report-table"));
-  if (report.chart) {
-    $("report-chart").src = report.chart;
-    $("report-chart").hidden = false;
+  if (report.markdown) renderMarkdown(report.markdown, $("report-body"));
+  // The chart goes where the report's image line puts it; a report without that line still shows it, last.
+  if (report.chart && !$("report-body").querySelector("img.chart")) {
+    $("report-body").append(chart(report.chart, "The comparison chart"));
   }
   $("report").hidden = false;
 }
