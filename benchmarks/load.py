@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from pipeline.core.names import MODELS
+from pipeline.core.registry import MODELS
 
 LEVELS = (1, 8, 32)  # concurrent clients
 # Requests at each level: enough rounds for a stable rate on the tiny models, one per client at full size.
@@ -63,8 +63,8 @@ def served(models: str, project: Path | None):
     device = best_device()
     captioner = workload.captioner(device)
     captioner.lm.tokenizer = TokenIds()
-    loaded = LoadedModel(Path("random-weights"), captioner, ModelSpec("viclipcap", {}, {}, {}),
-                         "clip", workload.clip_encoder(device), device)
+    loaded = LoadedModel(Path("random-weights"), captioner, ModelSpec("viclipcap", "clip", {}, {"store": {}}, {}),
+                         workload.clip_encoder(device), device)
     defaults = workload.params().score.model_copy(update={"max_length": MAX_LENGTH})
     return Served({"viclipcap": loaded}, defaults, {"viclipcap": None})
 

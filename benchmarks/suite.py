@@ -28,15 +28,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import reference, workload
 from benchmarks.cider import corpus
-from pipeline.core import distributed
-from pipeline.core.config import ScstSettings, TrainSettings
+from pipeline.core import distributed, registry
+from pipeline.core.config import TrainSettings
 from pipeline.core.devices import FEATURE_BUDGET, autocast
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore, open_store, write_store
 from pipeline.decoding.beam import beam_search
 from pipeline.encoders.images import encode_files
 from pipeline.evaluation.metrics import score_captions
-from pipeline.models import cnn_lstm, family
+from pipeline.models import architecture
 from pipeline.models.base import trainable_parameters
 from pipeline.models.viclipcap import Captioner
 from pipeline.models.viclipcap.mapper import build_mapper
@@ -44,7 +44,7 @@ from pipeline.models.viclipcap.retrieval import Retrieval
 from pipeline.training import scst
 from pipeline.training.batches import CaptionSet
 from pipeline.training.cider import CiderD
-from pipeline.training.cross_entropy import train_epoch
+from pipeline.training.cross_entropy import CrossEntropy
 from pipeline.training.optimisation import Optimisation
 
 # (viclip, reference) workload sizes, in images, per device type.
@@ -92,7 +92,8 @@ def _optimisation(captioner, data: CaptionSet) -> Optimisation:
 
 
 def _viclip_epoch(captioner, data: CaptionSet) -> None:
-    train_epoch(captioner, data, _batch_size(), _optimisation(captioner, data), torch.Generator().manual_seed(0), "train")
+    objective = CrossEntropy({"train": data}, _batch_size())
+    objective.epoch(captioner, _optimisation(captioner, data), torch.Generator().manual_seed(0), "train")
 
 
 def _padded(captions: workload.Captions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +239,8 @@ def streamed_train(device: torch.device, impl: str, images: int, steps: int = 10
             store.append(np.array(rows), rng.standard_normal((len(rows), *grid), dtype=np.float32).astype(np.float16))
     if impl == "disk":
         os.environ[FEATURE_BUDGET] = "0"
-    model = cnn_lstm.build(config, records, None, {"embedding_dim": grid[1]}, device)
+    model = architecture("cnn_lstm").build(registry.model("cnn_lstm").sections(config), records, None,
+                                           {"embedding_dim": grid[1]}, device)
     data = CaptionSet.build(records, open_store(folder / "train.h5", {}), model.encode, None, device)
     settings = config.train.cnn_lstm
     optimisation = Optimisation.build(model, settings, steps, device)
@@ -259,9 +261,9 @@ def _megabytes(data: CaptionSet) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-# The variants timed, each MODEL[:LM_TRAIN]: a model of pipeline.core.names.MODELS as params.yaml defines it,
-# or with its lm.train replaced. The first, cross-entropy with the LM frozen, is the reference.
-VARIANTS = ("viclipcap", "viclipcap_rag", "viclipcap_scst", "viclipcap:lora", "viclipcap_published")
+# The variants timed, each MODEL[:LM_TRAIN]: every registered ViCLIPCap model as params.yaml defines it, and
+# viclipcap with the LM under LoRA. The first, viclipcap (cross-entropy, the LM frozen), is the reference.
+VARIANTS = (*(name for name, model in registry.MODELS.items() if model.architecture == "viclipcap"), "viclipcap:lora")
 
 
 @dataclass(frozen=True)
@@ -311,15 +313,15 @@ class Stopwatch:
 
 def variant(device: torch.device, impl: str, steps: int, corpus_images: int, layers: int, width: int,
             batch: int | None = None) -> Case:
-    """Training steps of ViCLIPCap's variant `impl` (one of VARIANTS): its model's view of params.yaml
-    (mapper, retrieval, what of the LM trains) and train settings, in front of a random-weight GPT-2 of `layers`
+    """Training steps of ViCLIPCap's variant `impl` (one of VARIANTS): the sections that define its model
+    (mapper, retrieval, what of the LM trains) and its train settings, in front of a random-weight GPT-2 of `layers`
     blocks `width` wide, on a synthetic training split of `corpus_images` images (the retrieval datastore, SCST's CIDEr-D
-    corpus). One warm-up step, then `steps` steps, each its objective's own epoch code run on one batch. The
+    corpus). One warm-up step, then `steps` steps, each an epoch of its objective (what the trainer runs) on one batch. The
     work fills in each step's seconds (`seconds`: `step`, and SCST's `sample` and `reward`) and the size of
     the optimiser's state."""
     model, _, lm_train = impl.partition(":")
     config = workload.params()
-    view = family(model).view(config)
+    sections, scst_model = registry.model(model).sections(config), registry.model(model).objective == "scst"
     settings = getattr(config.train, model)
     if batch is not None:
         settings = settings.model_copy(update={"batch_size": batch})
@@ -328,20 +330,21 @@ def variant(device: torch.device, impl: str, steps: int, corpus_images: int, lay
     retrieval = Retrieval(workload.datastore(captions.embeddings, [r[0] for r in references], device), config.retrieval)
     texts = [retrieval.prompt(r[: retrieval.settings.k]) for r in references[:1000]]
     lm = workload.language_model(device, tokenizer=workload.tokenizer(texts), layers=layers, width=width,
-                                 train=lm_train or view.lm.train)
+                                 train=lm_train or sections["lm"].train)
     torch.manual_seed(0)
-    mapper = build_mapper(view.mapper, captions.embeddings.shape[1], lm.width).to(device)
-    captioner = Captioner(mapper, lm, retrieval if view.retrieval is not None else None)
+    mapper = build_mapper(sections["mapper"], captions.embeddings.shape[1], lm.width).to(device)
+    captioner = Captioner(mapper, lm, retrieval if sections.get("retrieval") is not None else None)
 
     watch = Stopwatch(device, ("step", "sample", "reward"))
     figures: dict[str, Any] = {"seconds": watch.seconds, "trained_parameters": trainable_parameters(captioner)}
     optimisation = Optimisation.build(captioner, settings, steps + 1, device)
     generator = torch.Generator().manual_seed(0)
-    if isinstance(settings, ScstSettings):
+    if scst_model:
         images = scst.ImageSet(torch.from_numpy(captions.embeddings[: settings.batch_size]).to(device),
                                CiderD(references))  # the split's first images, rows of a corpus of them all
         images.cider.scores = watch.wrap("reward", images.cider.scores)
-        step = lambda n: scst.scst_epoch(captioner, captioner, images, settings, optimisation, generator, model)  # noqa: E731
+        objective = scst.SelfCritical(captioner, {"train": images}, settings, config.score)
+        step = lambda n: objective.epoch(captioner, optimisation, generator, model)  # noqa: E731
         figures.update(images=len(images), samples=settings.samples, max_length=settings.max_length, sampled=[])
         # scst_epoch finds `sample` in its module: timed there while the timed steps run.
         timing = mock.patch.object(scst, "sample", watch.wrap("sample", _recording(scst.sample, figures["sampled"])))
@@ -349,7 +352,8 @@ def variant(device: torch.device, impl: str, steps: int, corpus_images: int, lay
         per_step = max(settings.batch_size // workload.CAPTIONS_PER_IMAGE, 1)  # images
         batches = [caption_set(captions, captioner, device, captions.records[n * per_step: (n + 1) * per_step])
                    for n in range(steps + 1)]
-        step = lambda n: train_epoch(captioner, batches[n], len(batches[n]), optimisation, generator, model)  # noqa: E731
+        objectives = [CrossEntropy({"train": batch}, len(batch)) for batch in batches]
+        step = lambda n: objectives[n].epoch(captioner, optimisation, generator, model)  # noqa: E731
         figures.update(captions=len(batches[0]), positions=[_positions(captioner, b) for b in batches[1:]])
         timing = contextlib.nullcontext()
     step = watch.wrap("step", step)

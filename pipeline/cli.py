@@ -17,7 +17,7 @@ import typer
 from pipeline.core import distributed, paths
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import ViclipError
-from pipeline.core.names import ENCODERS, MODELS
+from pipeline.core.registry import DEFAULT_MODEL, DEFAULT_STORE, MODELS, STORES
 from pipeline.data.annotations import SPLITS
 from pipeline.evaluation.protocols import SETTINGS
 
@@ -60,29 +60,28 @@ def _run(params: Path, stage: Callable[[Config], str]) -> None:
 
 @app.command()
 def extract(
-    encoder: Annotated[str, typer.Option(
-        help="Which encoder: clip (viclipcap and its variants), cnn (cnn_lstm), clip_published (viclipcap_published)."
-    )] = "clip",
+    store: Annotated[str, typer.Option(help="Which feature store: " + "; ".join(
+        f"{s} ({', '.join(m for m in MODELS if MODELS[m].store == s)})" for s in STORES) + ".")] = DEFAULT_STORE,
     split: Annotated[Optional[str], typer.Option(help=f"Only this split ({', '.join(SPLITS)}).")] = None,
     skip_bad_images: Annotated[bool, typer.Option(
         "--skip-bad-images", help="Skip unreadable images (recorded in the store) instead of stopping.")] = False,
     params: Params = Path("params.yaml"),
 ) -> None:
-    """Stage 1: run a frozen image encoder once over every image; write its HDF5 feature store."""
+    """Stage 1: run a store's frozen image encoder once over every image; write the HDF5 feature store."""
     from stages import extract as stage
 
-    _choice("--encoder", encoder, tuple(ENCODERS))
+    _choice("--store", store, tuple(STORES))
     if split is not None:
         _choice("--split", split, SPLITS)
-    _run(params, lambda config: stage.run(config, (split,) if split else SPLITS, skip_bad_images, encoder))
+    _run(params, lambda config: stage.run(config, (split,) if split else SPLITS, skip_bad_images, store))
 
 
 @app.command()
-def train(model: ModelName = MODELS[0], params: Params = Path("params.yaml")) -> None:
+def train(model: ModelName = DEFAULT_MODEL, params: Params = Path("params.yaml")) -> None:
     """Stage 2: train a model on the stored image features, its encoder (and LM) frozen."""
     from stages import train as stage
 
-    _choice("--model", model, MODELS)
+    _choice("--model", model, tuple(MODELS))
     _run(params, lambda config: stage.run(config, model))
 
 
@@ -91,7 +90,7 @@ def score(
     captions: Annotated[Optional[Path], typer.Option(
         help="Score this COCO results file (JSON list of {image_id, caption}) instead of decoding.")] = None,
     model: Annotated[Optional[str], typer.Option(
-        help=f"Which model to decode with: {', '.join(MODELS)} (default: {MODELS[0]}).")] = None,
+        help=f"Which model to decode with: {', '.join(MODELS)} (default: {DEFAULT_MODEL}).")] = None,
     model_dir: ModelDir = None,
     protocol: Annotated[Optional[str], typer.Option(
         help=f"With --captions: {' | '.join(SETTINGS)} (default: score.protocol in params).")] = None,
@@ -108,8 +107,8 @@ def score(
         typer.echo("error: --model and --model-dir choose what to decode; --captions scores the file's captions",
                    err=True)
         raise typer.Exit(2)
-    model = model or MODELS[0]
-    _choice("--model", model, MODELS)
+    model = model or DEFAULT_MODEL
+    _choice("--model", model, tuple(MODELS))
     if protocol is not None:
         _choice("--protocol", protocol, SETTINGS)
         if captions is None:
@@ -146,7 +145,7 @@ def score(
 @app.command()
 def caption(
     images: Annotated[list[Path], typer.Argument(help="Image files to caption.")],
-    model: ModelName = MODELS[0],
+    model: ModelName = DEFAULT_MODEL,
     model_dir: ModelDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {image, caption}.")] = False,
     params: Params = Path("params.yaml"),
@@ -154,7 +153,7 @@ def caption(
     """Caption new image files with a trained model, many at once; one line per image."""
     from pipeline.decoding.inference import caption_files
 
-    _choice("--model", model, MODELS)
+    _choice("--model", model, tuple(MODELS))
     with _clear_errors():
         config = load_config(params)
         results = caption_files(config, images, model_dir or paths.model_dir(config, model))
@@ -187,7 +186,7 @@ def workflow(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="Which model, or all: every trained one, side by side.")] = MODELS[0],
+    model: Annotated[str, typer.Option(help="Which model, or all: every trained one, side by side.")] = DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="The address to listen on (only this machine by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
     params: Params = Path("params.yaml"),

@@ -19,8 +19,8 @@ from pathlib import Path
 from pipeline.core.config import DECODING
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import write_text
-from pipeline.core.names import ENCODERS, MODELS
-from pipeline.models import family
+from pipeline.core.registry import MODELS, STORES
+from pipeline.models import architecture
 
 HEADER = """\
 # Written by `viclip workflow` from the registries of feature stores and models (pipeline/workflow.py):
@@ -36,8 +36,8 @@ WIDTH = 110
 
 
 def model_code(name: str) -> str:
-    """The folder of the model's own package, or its module: where its family's code lives."""
-    parts = family(name).build.__module__.split(".")
+    """The folder of the model's own package, or its module: where its architecture's code lives."""
+    parts = architecture(name).build.__module__.split(".")
     return "/".join(parts[:3]) if len(parts) > 3 else "/".join(parts) + ".py"
 
 
@@ -51,7 +51,7 @@ def _model(name: str) -> str:
 
 def extract(store: str) -> dict:
     return {
-        "cmd": f"viclip extract --encoder {store}",
+        "cmd": f"viclip extract --store {store}",
         "deps": ["${data.root}", *COMMON, "pipeline/data", "pipeline/encoders", "stages/extract.py"],
         "params": ["data", store, "extract"],
         "outs": [_store(store)],
@@ -59,15 +59,15 @@ def extract(store: str) -> dict:
 
 
 def train(name: str) -> dict:
-    recipe = family(name)
-    scst = recipe.objective == "scst"
+    model = MODELS[name]
+    scst = model.objective == "scst"
     start = [_model(f"${{train.{name}.start_from}}")] if scst else []
     return {
         "cmd": f"viclip train --model {name}",
-        "deps": ["${data.root}", _store(recipe.encoder), *start, *COMMON, "pipeline/data", "pipeline/encoders",
+        "deps": ["${data.root}", _store(model.store), *start, *COMMON, "pipeline/data", "pipeline/encoders",
                  "pipeline/decoding", "pipeline/evaluation/text.py", "pipeline/training", *MODEL_BASE,
                  model_code(name), "stages/train.py"],
-        "params": ["data", *recipe.reads, *(f"score.{key}" for key in DECODING if scst), "train.seed", f"train.{name}"],
+        "params": ["data", *model.reads, *(f"score.{key}" for key in DECODING if scst), "train.seed", f"train.{name}"],
         "outs": [_model(name)],
         "plots": [{f"${{train.out}}/{name}.csv": {"x": "epoch", "y": "val_cider" if scst else "val_loss",
                                                    "cache": False}}],
@@ -77,7 +77,7 @@ def train(name: str) -> dict:
 def score(name: str) -> dict:
     return {
         "cmd": f"viclip score --model {name}",
-        "deps": ["${data.root}", _store(family(name).encoder), _model(name), *COMMON, "pipeline/data",
+        "deps": ["${data.root}", _store(MODELS[name].store), _model(name), *COMMON, "pipeline/data",
                  "pipeline/decoding", "pipeline/evaluation", *MODEL_BASE, model_code(name), "stages/score.py"],
         "params": ["data", "score"],
         "outs": [f"${{score.out}}/{name}.captions.json"],
@@ -98,7 +98,7 @@ def compare() -> dict:
 
 def stages() -> dict[str, dict]:
     return {
-        **{f"extract_{store}": extract(store) for store in ENCODERS},
+        **{f"extract_{store}": extract(store) for store in STORES},
         **{f"train_{name}": train(name) for name in MODELS},
         **{f"score_{name}": score(name) for name in MODELS},
         "compare": compare(),

@@ -1,6 +1,6 @@
 """Stage 4: the models side by side, as Markdown tables (one per scoring protocol) and a bar chart.
 
-It reports every model in `MODELS` that has been scored: a model with a metrics file is
+It reports every registered model that has been scored: a model with a metrics file is
 in the report, one without (trained but not scored, or not trained) is left out and named in
 the summary. A metrics file whose model directory is missing is an error, not a skip: the report
 would show figures it cannot trace to a trained model, nor give that model's costs.
@@ -12,7 +12,7 @@ from pipeline.core import paths
 from pipeline.core.config import Config
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import read_json, write_text
-from pipeline.core.names import MODELS
+from pipeline.core.registry import MODELS
 from pipeline.evaluation.metrics import shared_protocols
 from pipeline.evaluation.report import bar_chart, comparison_markdown, display_order
 from pipeline.models import read_spec

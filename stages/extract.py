@@ -1,5 +1,5 @@
-"""Stage 1: run a frozen image encoder (CLIP, or the baseline's CNN) once over every image; write its HDF5
-feature store. The images are encoded in chunks (pipeline.data.chunks): a killed run resumes, and under torchrun
+"""Stage 1: run a store's frozen image encoder (CLIP, or the baseline's CNN) once over every image; write the
+HDF5 feature store. The images are encoded in chunks (pipeline.data.chunks): a killed run resumes, and under torchrun
 the ranks share them; the main rank then writes the store."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from pipeline.core import distributed, names, paths
+from pipeline.core import distributed, paths, registry
 from pipeline.core.config import Config, dump_config
 from pipeline.core.devices import best_device
 from pipeline.core.errors import ViclipError
@@ -22,23 +22,23 @@ from pipeline.encoders import encoder_attrs, load_encoder
 
 
 def run(
-    config: Config, splits: Sequence[str] = SPLITS, skip_bad_images: bool = False, encoder_name: str = names.ENCODER
+    config: Config, splits: Sequence[str] = SPLITS, skip_bad_images: bool = False, store: str = registry.DEFAULT_STORE
 ) -> str:
     started = time.perf_counter()
     skip_bad_images = skip_bad_images or config.extract.skip_bad_images
     records = load_splits(config.data)
     device = best_device()
-    section = getattr(config, encoder_name)
-    encoder = load_encoder(encoder_name, section, device)
-    attrs = {**encoder_attrs(encoder_name, section), "precision": encoder.precision}
+    family, settings = registry.STORES[store].encoder, getattr(config, store)
+    encoder = load_encoder(family, settings, device)
+    attrs = {**encoder_attrs(family, settings), "precision": encoder.precision}
 
     encoded = []  # (split, its chunks, its bad images)
     for split in splits:
         files = [r.path for r in records[split]]
         ids = np.array([r.image_id for r in records[split]], dtype=np.int64)
-        chunks = SplitChunks(paths.chunk_dir(config, split, encoder_name), files, ids, {**attrs, "split": split},
+        chunks = SplitChunks(paths.chunk_dir(config, split, store), files, ids, {**attrs, "split": split},
                              encoder.store_dtype, config.extract.batch_size, config.extract.chunk_batches)
-        bad = chunks.encode(encoder, config.extract.num_workers, device, f"{encoder_name} {split}")
+        bad = chunks.encode(encoder, config.extract.num_workers, device, f"{store} {split}")
         if bad and not skip_bad_images:
             listing = "; ".join(f"{files[i]} ({error})" for i, error in bad)
             raise ViclipError(
@@ -50,23 +50,23 @@ def run(
         return ""
 
     # Every split's store is renamed into place together, and only if all succeed.
-    with ExitStack() as stores:
+    with ExitStack() as writers:
         for split, chunks, bad in encoded:
-            store = stores.enter_context(write_store(
-                paths.store_path(config, split, encoder_name), chunks.attrs, encoder.store_dtype
+            writer = writers.enter_context(write_store(
+                paths.store_path(config, split, store), chunks.attrs, encoder.store_dtype
             ))
             for image_ids, embeddings in chunks.rows():
-                store.append(image_ids, embeddings)
-            store.attrs["skipped_ids"] = [int(chunks.ids[i]) for i, _ in bad]
-            store.attrs["skipped_images"] = [f"{chunks.files[i].name}: {error}" for i, error in bad]
+                writer.append(image_ids, embeddings)
+            writer.attrs["skipped_ids"] = [int(chunks.ids[i]) for i, _ in bad]
+            writer.attrs["skipped_images"] = [f"{chunks.files[i].name}: {error}" for i, error in bad]
     for _, chunks, _ in encoded:
         chunks.discard()
-    write_text(paths.store_dir(config, encoder_name) / "params.yaml", dump_config(config))
+    write_text(paths.store_dir(config, store) / "params.yaml", dump_config(config))
 
     summary = ", ".join(f"{len(chunks.files) - len(bad)} {split}" for split, chunks, bad in encoded)
     skipped = sum(len(bad) for _, _, bad in encoded)
     note = f", {skipped} bad skipped" if skipped else ""
     return (
-        f"extract {encoder_name}: {summary} images{note} -> {paths.store_dir(config, encoder_name)} "
+        f"extract {store}: {summary} images{note} -> {paths.store_dir(config, store)} "
         f"({time.perf_counter() - started:.1f} s)"
     )

@@ -1,4 +1,4 @@
-"""Stage 3: decode the test split with a trained model (either one) and score it under the stated protocols."""
+"""Stage 3: decode the test split with a trained model (any registered one) and score it under the stated protocols."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core import distributed, names, paths
+from pipeline.core import distributed, paths, registry
 from pipeline.core.config import Config
 from pipeline.core.devices import best_device
 from pipeline.core.io import write_json
@@ -17,12 +17,12 @@ from pipeline.decoding.beam import caption_features
 from pipeline.evaluation.metrics import laid_out, score_captions
 from pipeline.evaluation.protocols import chosen
 from pipeline.evaluation.results import stored, test_references
-from pipeline.models import family, load_model
+from pipeline.models import load_model
 
 UNFINISHED_WARNING = 0.05  # the share of captions cut at max_length that says the model does not stop
 
 
-def run(config: Config, model_name: str = names.MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
+def run(config: Config, model_name: str = registry.DEFAULT_MODEL, model_dir: str | Path | None = None) -> tuple[dict, str]:
     """Decode the test split with a trained model and score it; `model_dir` overrides where it is read from.
 
     Under torchrun each rank decodes its share of whole batches, streamed from the store; the main rank
@@ -32,7 +32,7 @@ def run(config: Config, model_name: str = names.MODEL, model_dir: str | Path | N
     references = test_references(config)
     device = best_device()
     model, spec = load_model(model_dir, device)
-    store = open_store(paths.store_path(config, "test", family(spec.name).encoder), spec.encoder)
+    store = open_store(paths.store_path(config, "test", spec.store), spec.store_attrs)
 
     size = config.score.batch_size
     mine = distributed.shard(-(-len(store) // size))

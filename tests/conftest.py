@@ -34,7 +34,7 @@ import pytest
 from filelock import FileLock
 
 from pipeline.core.config import Config, dump_config, load_config
-from pipeline.core.names import MODELS
+from pipeline.core.registry import MODELS
 from pipeline.demo import prepare
 from pipeline.demo.synthetic import make_dataset
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.core import names, paths
+from pipeline.core import paths, registry
 from pipeline.core.config import load_config
 from pipeline.core.errors import ViclipError
 from pipeline.data.annotations import load_splits
@@ -52,7 +52,7 @@ def test_the_trained_vocabulary_comes_from_training_captions_only(project):
         annotation["caption"] += " kỳlân"
     path.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
     runner = CliRunner()
-    for args in (["extract", "--encoder", "cnn"], ["train", "--model", "cnn_lstm"]):
+    for args in (["extract", "--store", "cnn"], ["train", "--model", "cnn_lstm"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
 
@@ -95,12 +95,12 @@ def test_both_models_are_scored_by_the_same_call(demo, config, monkeypatch, tmp_
     monkeypatch.setattr(metrics, "score_tokenized", spy)
     rescored = config.model_copy(update={"score": config.score.model_copy(update={"out": str(tmp_path)})})
     with chdir(demo):
-        for model in names.MODELS:
+        for model in registry.MODELS:
             fresh, _ = score.run(rescored, model)
             stored = json.loads(paths.metrics_path(config, model).read_text())
             assert fresh == stored  # decoding is deterministic, so the pipeline's file is this call's result
     # Per model, one call per protocol (syllable, then word): the same references, tokenised the same way.
-    assert len(calls) == 2 * len(names.MODELS)
+    assert len(calls) == 2 * len(registry.MODELS)
     assert all(gts == calls[i % 2][0] for i, (gts, _) in enumerate(calls))
     assert calls[0][0] != calls[1][0] and any("_" in ref for refs in calls[1][0].values() for ref in refs)
 
@@ -109,7 +109,7 @@ def test_the_comparison_tables_say_what_the_metrics_files_say(demo):
     markdown = (demo / "artifacts/report/comparison.md").read_text()
     for protocol in ("syllable", "word"):
         table = read_markdown_table(markdown, protocol)
-        for model, name in ((m, display_name(m)) for m in names.MODELS):
+        for model, name in ((m, display_name(m)) for m in registry.MODELS):
             scores = json.loads((demo / f"artifacts/metrics/{model}.json").read_text())
             scores = scores if protocol == "syllable" else scores["word"]
             assert table[name] == {k: None if scores[k] is None else round(scores[k], 4) for k in table[name]}
@@ -117,7 +117,7 @@ def test_the_comparison_tables_say_what_the_metrics_files_say(demo):
 
 
 def test_compare_runs_on_word_only_metrics_files(demo_copy, monkeypatch):
-    for model in names.MODELS:  # as `score.protocol: word` writes them: no syllable figures at the top level
+    for model in registry.MODELS:  # as `score.protocol: word` writes them: no syllable figures at the top level
         path = demo_copy / f"artifacts/metrics/{model}.json"
         scores = json.loads(path.read_text())
         path.write_text(json.dumps({k: v for k, v in scores.items() if k not in metrics.METRICS and k != "protocol"}))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import reference
-from pipeline.core import names, paths
+from pipeline.core import paths, registry
 from pipeline.data.annotations import load_splits
 from pipeline.data.features import open_store
 from pipeline.decoding.beam import beam_search
@@ -41,7 +41,7 @@ def test_reference_training_step_computes_viclips_loss(demo, config):
     tokens = torch.zeros(len(ids), max(map(len, ids)) + 3, dtype=torch.long)  # padded past the longest
     for row, caption in enumerate(ids):
         tokens[row, : len(caption)] = torch.tensor(caption)
-    embeddings = torch.nn.functional.normalize(torch.randn(len(ids), spec.encoder["embedding_dim"]), dim=-1)
+    embeddings = torch.nn.functional.normalize(torch.randn(len(ids), spec.store_attrs["embedding_dim"]), dim=-1)
     ours = captioner.loss(embeddings, tokens, tokens > 0).item()
     optimizer = torch.optim.SGD(captioner.parameters(), lr=0.0)
     assert abs(reference.train_step(captioner, embeddings, tokens, optimizer) - ours) < 1e-4
@@ -96,7 +96,7 @@ def test_the_load_case_answers_every_request_at_every_level(demo, monkeypatch):
     monkeypatch.setitem(load.REQUESTS, "demo", {1: 2, 8: 8, 32: 32})
     for mode in load.MODES:
         case = load.run_case("demo", mode, demo)
-        assert case["served"] == list(names.MODELS)
+        assert case["served"] == list(registry.MODELS)
         levels = case["levels"]
         assert [(level["concurrency"], level["requests"], level["error_count"]) for level in levels] == [
             (1, 2, 0), (8, 8, 0), (32, 32, 0)]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.core.config import dump_config, load_config
-from pipeline.core.names import MODELS
+from pipeline.core.registry import MODELS
 
 
 def invoke(*args: str):
@@ -70,7 +70,7 @@ def test_score_captions_refuses_a_model_it_would_not_use(tmp_path):
 
 
 def test_the_baseline_branch_and_the_comparison_run_from_the_cli(project):
-    for args in (("extract", "--encoder", "cnn"), ("train", "--model", "cnn_lstm"), ("score", "--model", "cnn_lstm"),
+    for args in (("extract", "--store", "cnn"), ("train", "--model", "cnn_lstm"), ("score", "--model", "cnn_lstm"),
                  ("extract",), ("train",), ("score",)):
         result = invoke(*args)
         assert result.exit_code == 0, (args, result.output)
@@ -80,7 +80,7 @@ def test_the_baseline_branch_and_the_comparison_run_from_the_cli(project):
     assert "| Metric | CNN+LSTM | ViCLIPCap |" in report and (project / "artifacts/report/comparison.png").is_file()
 
 
-@pytest.mark.parametrize("args", [("train", "--model", "lstm"), ("extract", "--encoder", "vgg"), ("score", "--model", "x")])
+@pytest.mark.parametrize("args", [("train", "--model", "lstm"), ("extract", "--store", "vgg"), ("score", "--model", "x")])
 def test_unknown_model_or_encoder_names_the_choices(project, args):
     result = invoke(*args)
     assert result.exit_code == 2 and "must be one of" in result.output and "Traceback" not in result.output
@@ -190,12 +190,11 @@ def test_model_dir_that_does_not_match_its_weights(project):
     assert invoke("extract").exit_code == 0 and invoke("train").exit_code == 0
     config = project / "artifacts/models/viclipcap/config.json"
     raw = json.loads(config.read_text())
-    raw["mapper"]["prefix_length"] += 1
+    raw["sections"]["mapper"]["prefix_length"] += 1
     config.write_text(json.dumps(raw))
     assert_clear_error(invoke("score"), "mapper.safetensors", "do not fit")
-    # Only a section the model may do without (retrieval) can be null.
-    config.write_text(json.dumps({**raw, "lm": None}))
-    assert_clear_error(invoke("score"), "config.json", "key 'lm'")
+    config.write_text(json.dumps({**raw, "sections": {**raw["sections"], "lm": None}}))
+    assert_clear_error(invoke("score"), "config.json", "key 'sections.lm'")
     shutil.rmtree(project / "artifacts/models/viclipcap")
     assert_clear_error(invoke("score"), "viclipcap", "not a model directory")
 
@@ -236,14 +235,14 @@ def test_unreachable_hub_weights_name_what_to_set(project):
 ])
 def test_bad_cnn_settings(project, key, value, fragments):
     edit_params(project, "cnn", key, value)
-    result = invoke("extract", "--encoder", "cnn")
+    result = invoke("extract", "--store", "cnn")
     assert_clear_error(result, *fragments)
     assert len(result.output.strip().splitlines()) == 1
     assert not (project / "artifacts").exists()
 
 
 def test_baseline_store_and_model_dir_are_checked(project):
-    assert invoke("extract", "--encoder", "cnn").exit_code == 0
+    assert invoke("extract", "--store", "cnn").exit_code == 0
     edit_params(project, "cnn", "grid", 2)
     assert_clear_error(invoke("train", "--model", "cnn_lstm"), "cnn/train.h5", "grid=3", "re-run `viclip extract`")
     edit_params(project, "cnn", "grid", 3)

@@ -83,11 +83,11 @@ def test_training_under_each_policy(project, monkeypatch, policy, recorded):
 
     monkeypatch.setattr(optimisation.Optimisation, "build", classmethod(build))
     runner = CliRunner()
-    for args in (("extract",), ("extract", "--encoder", "cnn")):
+    for args in (("extract",), ("extract", "--store", "cnn")):
         assert runner.invoke(app, list(args)).exit_code == 0
     for model in ("viclipcap", "cnn_lstm"):  # the baseline clips its gradients: unscaled first
         result = runner.invoke(app, ["train", "--model", model])
         assert result.exit_code == 0, result.output
         config = json.loads((project / f"artifacts/models/{model}/config.json").read_text())
-        assert config["precision"] == recorded and math.isfinite(config["val_loss"])
+        assert config["training"]["precision"] == recorded and math.isfinite(config["training"]["val_loss"])
     assert [o.scaler.is_enabled() for o in built] == [policy == "fp16"] * 2

@@ -75,8 +75,8 @@ def test_two_processes_train_and_score_as_one(project):
     two = run("train", env={"VICLIP_NPROC": "2"})
     assert "train viclipcap" in two.stdout and two.stdout.count("train viclipcap") == 1  # one rank prints
     spec = json.loads((project / "artifacts/models/viclipcap/config.json").read_text())
-    assert spec["processes"] == 2 and one_spec["processes"] == 1
-    assert spec["val_loss"] == pytest.approx(one_spec["val_loss"], rel=1e-5)
+    assert spec["training"]["processes"] == 2 and one_spec["training"]["processes"] == 1
+    assert spec["training"]["val_loss"] == pytest.approx(one_spec["training"]["val_loss"], rel=1e-5)
     assert val_losses(project / "artifacts/models/viclipcap.csv") == pytest.approx(
         [float(line.split(",")[2]) for line in one["models/viclipcap.csv"].decode().splitlines()[1:]], rel=1e-5)
     ours = weights(project / "artifacts/models/viclipcap")
@@ -119,7 +119,7 @@ def test_the_several_machines_command_runs(project):
     outputs = [machine.communicate(timeout=600) for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], outputs
     assert sum(out.count("train viclipcap:") for out, _ in outputs) == 1  # rank 0 alone prints
-    assert json.loads((project / "artifacts/models/viclipcap/config.json").read_text())["processes"] == 2
+    assert json.loads((project / "artifacts/models/viclipcap/config.json").read_text())["training"]["processes"] == 2
 
 
 def test_dvc_repro_on_two_processes_reruns_nothing_and_runs_a_stage_on_two(demo_copy, monkeypatch):
@@ -129,8 +129,8 @@ def test_dvc_repro_on_two_processes_reruns_nothing_and_runs_a_stage_on_two(demo_
     out = dvc(demo_copy, "repro", "--force", "--single-item", "train_viclipcap_scst")
     assert "Running stage 'train_viclipcap_scst'" in out
     spec = json.loads((demo_copy / "artifacts/models/viclipcap_scst/config.json").read_text())
-    assert spec["processes"] == 2 and spec["start_from"]["model"] == "viclipcap"
-    assert len((demo_copy / "artifacts/models/viclipcap_scst.csv").read_text().splitlines()) == 1 + spec["epochs"]
+    assert spec["training"]["processes"] == 2 and spec["training"]["start_from"]["model"] == "viclipcap"
+    assert len((demo_copy / "artifacts/models/viclipcap_scst.csv").read_text().splitlines()) == 1 + spec["training"]["epochs"]
 
 
 def _kill_after_checkpoint(process: subprocess.Popen, checkpoint: Path) -> None:
@@ -171,8 +171,9 @@ def test_train_resumes_after_sigkill_and_ends_as_an_uninterrupted_run(project):
         again = [line.rsplit(",", 1)[0] for line in (project / f"artifacts/models/{model}.csv").read_text().splitlines()]
         assert again == log  # every epoch's figures and learning rate, to the last digit
         resumed_spec = json.loads((model_dir / "config.json").read_text())
-        assert {k: v for k, v in resumed_spec.items() if k != "train_seconds"} == \
-            {k: v for k, v in spec.items() if k != "train_seconds"}
+        for recorded in (resumed_spec, spec):
+            del recorded["training"]["train_seconds"]
+        assert resumed_spec == spec
         assert not checkpoint.exists()
 
 
@@ -263,7 +264,7 @@ def test_a_killed_rank_ends_the_run_with_an_error_not_a_hang(project):
 def test_a_store_over_the_memory_budget_is_streamed_with_the_same_result(project, model):
     encoder = "clip" if model == "viclipcap" else "cnn"
     edit(project, **{f"train__{model}__epochs": 2})
-    run("extract", "--encoder", encoder)
+    run("extract", "--store", encoder)
     run("train", "--model", model)
     in_memory = (project / "artifacts/models" / model).glob("*.safetensors")
     in_memory = {p.name: p.read_bytes() for p in in_memory}

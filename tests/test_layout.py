@@ -141,8 +141,9 @@ def test_no_module_imports_a_package_above_it(graph):
 
 
 def test_registries_find_every_leaf():
-    from pipeline.core.names import ENCODERS, MODELS
+    from pipeline.core.registry import MODELS, STORES
     from pipeline.encoders.base import REGISTRY as encoders
-    from pipeline.models import REGISTRY as models
+    from pipeline.models import REGISTRY as architectures
 
-    assert set(encoders) == set(ENCODERS.values()) and set(models) == set(MODELS)
+    assert {s.encoder for s in STORES.values()} == set(encoders)
+    assert {m.architecture for m in MODELS.values()} == set(architectures)

@@ -165,7 +165,7 @@ def test_an_lm_that_does_not_match_the_model_directory_is_refused(tiny, project)
     shutil.copytree(tiny / "models/lm", local)
     use_lm(project, local)
     assert invoke("extract").exit_code == 0 and invoke("train").exit_code == 0
-    recorded = json.loads((project / "artifacts/models/viclipcap/config.json").read_text())["lm_fingerprint"]
+    recorded = json.loads((project / "artifacts/models/viclipcap/config.json").read_text())["fingerprints"]["lm"]
     assert recorded["stop"] == "." and recorded["embedding_rows"] % 64 == 0
 
     # The same path now holds another LM (a new download, another revision): another tokenizer.

@@ -21,7 +21,7 @@ from pipeline.data.features import open_store, write_store
 from pipeline.decoding.beam import beam_search
 from pipeline.demo import OVERRIDES, demo_params
 from pipeline.demo.tiny import make_tiny_lm
-from pipeline.models import CONFIG, family, load_model, spec_for
+from pipeline.models import CONFIG, architecture, build_model, load_model, spec_for
 from pipeline.models.base import load_trained_state, trained_state
 from pipeline.models.viclipcap.lm import TRAINED_WEIGHTS
 from pipeline.training.batches import CaptionSet
@@ -47,7 +47,7 @@ def config_for(lm: Path, train: str, **settings):
     raw = demo_params({**OVERRIDES, "mapper": {**OVERRIDES["mapper"], "num_layers": 1}})
     raw["lm"].update(name=str(lm), train=train, lora={"rank": 4, "alpha": 8, "dropout": 0.0})
     raw["train"]["viclipcap"].update(batch_size=4, warmup_steps=0, **settings)
-    return family("viclipcap").view(parse_config(raw))  # as viclip train reads it
+    return parse_config(raw)
 
 
 def captions(model, tmp_path: Path) -> CaptionSet:
@@ -65,7 +65,7 @@ def lm_weights(model) -> dict[str, torch.Tensor]:
 def train(config, tmp_path: Path, epochs: int = 2):
     """A fresh model trained by the real loop; the optimisation and the LM's weights before training."""
     seed_everything(0)
-    model = family("viclipcap").build(config, [], None, ENCODER, CPU)
+    model = build_model("viclipcap", config, [], None, ENCODER, CPU)
     before = lm_weights(model)
     data = captions(model, tmp_path)
     settings = config.train.viclipcap
@@ -79,7 +79,7 @@ def save(model, config, directory: Path) -> Path:
     """The model directory as `viclip train` writes it."""
     directory.mkdir()
     model.save(directory)
-    write_json(directory / CONFIG, spec_for("viclipcap", config, ENCODER, model.record()).to_json())
+    write_json(directory / CONFIG, spec_for("viclipcap", config, model, ENCODER, {}).to_json())
     return directory
 
 
@@ -117,10 +117,10 @@ def test_a_trained_lm_is_saved_as_what_was_trained_and_reloads_to_the_same_capti
         assert sum(t.numel() for t in saved.values()) == sum(after[name].numel() for name in trained)
 
     reloaded, spec = load_model(directory, CPU)
-    assert spec.sections["lm"].train == mode and spec.extra["lm_fingerprint"]["weights"].startswith("sha256:")
+    assert spec.sections["lm"].train == mode and spec.fingerprints["lm"]["weights"].startswith("sha256:")
     ours, theirs = outputs(model, tmp_path), outputs(reloaded, tmp_path)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]) and ours[2] == theirs[2]
-    fresh = family("viclipcap").rebuild(directory, spec.sections, ENCODER, CPU)  # the base LM, untrained
+    fresh = architecture("viclipcap").rebuild(directory, spec.sections, ENCODER, CPU)  # the base LM, untrained
     fresh.mapper.load_state_dict(model.mapper.state_dict())
     assert not torch.equal(outputs(fresh, tmp_path)[1], ours[1])  # what the LM learned is in the captions
 
@@ -140,13 +140,13 @@ def test_a_frozen_lm_is_left_as_it_was_and_not_saved(base_lm, tmp_path):
     assert [n for n, _ in model.named_parameters()] == [f"mapper.{n}" for n, _ in model.mapper.named_parameters()]
     directory = save(model, config, tmp_path / "model")
     assert {p.name for p in directory.iterdir()} == {CONFIG, "mapper.safetensors"}
-    # The fingerprint directories written before lm.train had: they keep loading.
-    assert set(model.record()["lm_fingerprint"]) == {"tokenizer", "config", "embedding_rows", "width", "stop", "stop_id"}
+    # A frozen LM's fingerprint holds no digest of its weights: they are the base LM's, as named.
+    assert set(model.record()["lm"]) == {"tokenizer", "config", "embedding_rows", "width", "stop", "stop_id"}
 
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 def test_the_optimiser_gets_only_what_trains(base_lm, mode):
-    model = family("viclipcap").build(config_for(base_lm, mode), [], None, ENCODER, CPU)
+    model = build_model("viclipcap", config_for(base_lm, mode), [], None, ENCODER, CPU)
     optimised = {id(p) for group in Optimisation.build(model, config_for(base_lm, mode).train.viclipcap, 10, CPU)
                  .optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -163,7 +163,7 @@ def test_the_optimiser_gets_only_what_trains(base_lm, mode):
 def test_trained_lm_weights_are_refused_on_another_base_lm(base_lm, tmp_path, mode):
     local = shutil.copytree(base_lm, tmp_path / "lm")
     config = config_for(local, mode)
-    directory = save(family("viclipcap").build(config, [], None, ENCODER, CPU), config, tmp_path / "model")
+    directory = save(build_model("viclipcap", config, [], None, ENCODER, CPU), config, tmp_path / "model")
     # The same path now holds another revision: the same shape and tokenizer, other weights.
     other = AutoModelForCausalLM.from_pretrained(local)
     with torch.no_grad():

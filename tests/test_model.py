@@ -30,7 +30,7 @@ def test_only_the_mapper_gets_gradients_and_is_saved(demo, config):
 
     captioner.mapper.train()
     tokens = torch.tensor([captioner.lm.encode(["có một hình tròn màu đỏ ở bên trái"])[0]] * 2)
-    loss = captioner.loss(torch.randn(2, spec.encoder["embedding_dim"]), tokens, torch.ones_like(tokens, dtype=torch.bool))
+    loss = captioner.loss(torch.randn(2, spec.store_attrs["embedding_dim"]), tokens, torch.ones_like(tokens, dtype=torch.bool))
     loss.backward()
     assert all(p.grad is not None for p in captioner.mapper.parameters())
     assert all(p.grad is None for p in lm.parameters())
@@ -107,7 +107,7 @@ def lstm_next_logp(decoder, features):
 def test_batched_cached_beam_search_equals_plain_beam_search(demo, config, model):
     with chdir(demo):
         captioner, spec = load_model(f"artifacts/models/{model}", CPU)
-        features = torch.from_numpy(open_store(paths.store_path(config, "test", spec.encoder["encoder"]), {}).embeddings[:6])
+        features = torch.from_numpy(open_store(paths.store_path(config, "test", spec.store), {}).embeddings[:6])
     next_logp = lm_next_logp if model == "viclipcap" else lstm_next_logp
     for beam_size, penalty in ((3, 1.0), (2, 0.0)):
         batched = beam_search(captioner, features, beam_size, 12, penalty).tokens

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.config import DECODING, dump_config, load_config, yaml_parser
-from pipeline.core.names import ENCODERS, MODELS
+from pipeline.core.registry import MODELS, STORES
 from pipeline.demo import dvc
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = (*(f"extract_{e}" for e in ENCODERS), *(f"train_{m}" for m in MODELS), *(f"score_{m}" for m in MODELS), "compare")
+STAGES = (*(f"extract_{e}" for e in STORES), *(f"train_{m}" for m in MODELS), *(f"score_{m}" for m in MODELS), "compare")
 # What a change of each model's training settings re-runs: the model, and the models that start from it.
 RERUNS = {"viclipcap": {"viclipcap", "viclipcap_scst"}, "cnn_lstm": {"cnn_lstm"}}
 
@@ -95,19 +95,19 @@ def test_one_models_training_params_rerun_only_its_branch(demo_copy, model):
 
 def test_outputs_record_what_produced_them(demo):
     model_config = json.loads((demo / "artifacts/models/viclipcap/config.json").read_text())
-    assert model_config["lm"] == load_config(demo / "params.yaml").lm.model_dump()
-    assert model_config["lm"]["name"] == "models/lm" and model_config["lm"]["train"] == "frozen"
-    assert model_config["lm_fingerprint"]["stop"] == "." and model_config["precision"]
+    assert model_config["sections"]["lm"] == load_config(demo / "params.yaml").lm.model_dump()
+    assert model_config["sections"]["lm"]["name"] == "models/lm" and model_config["sections"]["lm"]["train"] == "frozen"
+    assert model_config["fingerprints"]["lm"]["stop"] == "." and model_config["training"]["precision"]
     published = demo / "artifacts/models/viclipcap_published"  # its LM trained: full, saved beside the mapper
     recorded = json.loads((published / "config.json").read_text())
-    assert recorded["lm"]["train"] == "full" and recorded["lm_fingerprint"]["weights"].startswith("sha256:")
+    assert recorded["sections"]["lm"]["train"] == "full" and recorded["fingerprints"]["lm"]["weights"].startswith("sha256:")
     assert {p.name for p in published.glob("*.safetensors")} == {"mapper.safetensors", "lm.safetensors"}
-    assert model_config["encoder"]["model"] == "viclip-tiny-vit"
-    assert model_config["encoder"]["pretrained"].startswith("sha256:")
-    assert model_config["mapper"]["type"] == "transformer"
+    assert model_config["fingerprints"]["store"]["model"] == "viclip-tiny-vit"
+    assert model_config["fingerprints"]["store"]["pretrained"].startswith("sha256:")
+    assert model_config["sections"]["mapper"]["type"] == "transformer"
     baseline = json.loads((demo / "artifacts/models/cnn_lstm/config.json").read_text())
-    assert baseline["encoder"]["encoder"] == "cnn" and baseline["encoder"]["weights"].startswith("sha256:")
-    assert baseline["lstm"] == load_config(demo / "params.yaml").lstm.model_dump()
+    assert baseline["fingerprints"]["store"]["encoder"] == "cnn" and baseline["fingerprints"]["store"]["weights"].startswith("sha256:")
+    assert baseline["sections"]["lstm"] == load_config(demo / "params.yaml").lstm.model_dump()
     for folder in ("artifacts/features/clip", "artifacts/features/cnn", "artifacts/models/viclipcap",
                    "artifacts/models/cnn_lstm"):
         assert load_config(demo / folder / "params.yaml") == load_config(demo / "params.yaml")

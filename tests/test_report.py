@@ -11,12 +11,12 @@ import matplotlib.figure
 import pytest
 from PIL import Image
 
-from pipeline.core import paths
+from pipeline.core import paths, registry
 from pipeline.core.config import load_config
 from pipeline.core.errors import ViclipError
 from pipeline.evaluation.protocols import PROTOCOLS
 from pipeline.evaluation.report import bar_chart, comparison_markdown, display_order
-from pipeline.models import spec_for
+from pipeline.models import ModelSpec
 from stages import compare
 from tests.report_tables import read_markdown_table
 
@@ -29,12 +29,21 @@ SCORES = {
     "viclipcap": {"bleu_1": 0.6, "bleu_2": 0.5, "bleu_3": 0.4, "bleu_4": 0.31, "meteor": 0.29,
                   "rouge_l": 0.50001, "cider": 0.83, "spice": None},
 }
+
+
+def model_config(store: dict, training: dict, **sections) -> dict:
+    """What the report reads of a model directory's config.json (pipeline.models.ModelSpec.to_json)."""
+    return {"store": store["encoder"], "sections": sections, "fingerprints": {"store": store},
+            "training": {"device": "cpu", "precision": "fp32", **training}}
+
+
+VICLIPCAP_LM = {"name": "imthanhlv/gpt2news", "stop": ".", "train": "frozen"}
 MODELS = {
-    "cnn_lstm": {"trainable_parameters": 12_345_678, "train_seconds": 3600.04, "device": "cpu", "best_epoch": 7,
-                 "encoder": {"encoder": "cnn", "model": "resnet101"}},
-    "viclipcap": {"trainable_parameters": 3_456_789, "train_seconds": 812.34, "device": "NVIDIA H100", "best_epoch": 9,
-                  "encoder": {"encoder": "clip", "model": "ViT-B-32-quickgelu"},
-                  "lm": {"name": "imthanhlv/gpt2news", "stop": "."}},  # from before lm.train: frozen
+    "cnn_lstm": model_config({"encoder": "cnn", "model": "resnet101"},
+                             {"trainable_parameters": 12_345_678, "train_seconds": 3600.04, "best_epoch": 7}),
+    "viclipcap": model_config({"encoder": "clip", "model": "ViT-B-32-quickgelu"},
+                              {"trainable_parameters": 3_456_789, "train_seconds": 812.34, "best_epoch": 9,
+                               "device": "NVIDIA H100", "precision": "bf16 autocast"}, lm=VICLIPCAP_LM),
 }
 # Variants, each a model of its own; `viclipcap_lora` stands for a model the report has no display name for.
 VARIANT_SCORES = {
@@ -43,11 +52,10 @@ VARIANT_SCORES = {
     "viclipcap_lora": {**SCORES["viclipcap"], "cider": 0.85, "rouge_l": 0.49},
 }
 VARIANT_MODELS = {
-    "viclipcap_scst": {**MODELS["viclipcap"], "lm": {"name": "gpt2", "stop": ".", "train": "frozen"},
-                       "start_from": {"model": "viclipcap", "dir": "artifacts/models/viclipcap"}},
-    "viclipcap_rag": {**MODELS["viclipcap"], "lm": {"name": "gpt2", "stop": ".", "train": "frozen"},
-                      "retrieval": {"k": 4, "index": "train"}},
-    "viclipcap_lora": {**MODELS["viclipcap"], "lm": {"name": "gpt2", "stop": ".", "train": "lora"}},
+    "viclipcap_scst": {**MODELS["viclipcap"], "training": {
+        **MODELS["viclipcap"]["training"], "start_from": {"model": "viclipcap", "weights": "sha256:0"}}},
+    "viclipcap_rag": {**MODELS["viclipcap"], "sections": {"lm": VICLIPCAP_LM, "retrieval": {"k": 4}}},
+    "viclipcap_lora": {**MODELS["viclipcap"], "sections": {"lm": {**VICLIPCAP_LM, "train": "lora"}}},
 }
 
 
@@ -238,7 +246,7 @@ def test_models_table_shows_lm_training_start_and_retrieval():
     markdown = comparison_markdown(with_variants(metrics(), "viclipcap_rag", "viclipcap_scst", "viclipcap_lora"),
                                    {**MODELS, **VARIANT_MODELS})
     assert row(markdown, "CNN+LSTM")[1:3] == ["—", "—"]  # no LM, no setup
-    assert row(markdown, "ViCLIPCap")[1:3] == ["frozen", "—"]  # lm without `train`: from before it, frozen
+    assert row(markdown, "ViCLIPCap")[1:3] == ["frozen", "—"]
     assert row(markdown, "ViCLIPCap + SCST")[1:3] == ["frozen", "starts from ViCLIPCap"]
     assert row(markdown, "ViCLIPCap + retrieval")[1:3] == ["frozen", "retrieval k=4"]
     assert row(markdown, "viclipcap_lora")[1:3] == ["lora", "—"]
@@ -298,8 +306,8 @@ def scored(tmp_path, monkeypatch):
         paths.metrics_path(config, model).parent.mkdir(parents=True, exist_ok=True)
         paths.metrics_path(config, model).write_text(json.dumps(scores))
         paths.model_dir(config, model).mkdir(parents=True)
-        extra = {k: v for k, v in MODELS[model].items() if k not in ("encoder", "lm")}
-        spec = spec_for(model, config, MODELS[model]["encoder"], extra)
+        spec = ModelSpec(model, registry.MODELS[model].store, registry.MODELS[model].sections(config),
+                         MODELS[model]["fingerprints"], MODELS[model]["training"])
         (paths.model_dir(config, model) / "config.json").write_text(json.dumps(spec.to_json()))
     return config
 

@@ -33,7 +33,7 @@ def test_the_datastore_is_the_training_split_and_an_image_never_retrieves_itself
     held = set(datastore.image_ids)
     assert held == {int(i) for i in train.image_ids}
     assert not held & {r.image_id for r in splits["test"]} and not held & {r.image_id for r in splits["val"]}
-    assert spec.extra["datastore"]["split"] == "train" and spec.extra["datastore"]["images"] == len(held)
+    assert spec.fingerprints["datastore"]["split"] == "train" and spec.fingerprints["datastore"]["images"] == len(held)
     assert spec.sections["retrieval"] == config.retrieval
 
     rows = datastore.nearest(torch.from_numpy(train.embeddings), config.retrieval.k)  # (N, k)

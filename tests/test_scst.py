@@ -29,11 +29,11 @@ def test_scst_raises_the_validation_cider_of_the_model_it_starts_from(demo, conf
         spec = load_model(paths.model_dir(config, SCST), CPU)[1]
         start = load_model(paths.model_dir(config, "viclipcap"), CPU)[1]
         log = paths.train_log(config, SCST).read_text().splitlines()
-    assert spec.extra["start_from"]["model"] == "viclipcap"
-    assert spec.extra["start_from"]["val_loss"] == start.extra["val_loss"]
-    assert spec.extra["val_cider"] > spec.extra["start_val_cider"], spec.extra
+    assert spec.training["start_from"]["model"] == "viclipcap"
+    assert spec.training["start_from"]["val_loss"] == start.training["val_loss"]
+    assert spec.training["val_cider"] > spec.training["start_val_cider"], spec.training
     assert log[0] == "epoch,reward,val_cider,lr,seconds"
-    assert max(float(line.split(",")[2]) for line in log[1:]) == spec.extra["val_cider"]
+    assert max(float(line.split(",")[2]) for line in log[1:]) == spec.training["val_cider"]
     assert spec.sections == start.sections  # the same model, other weights
 
 
@@ -44,7 +44,7 @@ def test_scst_trains_the_mapper_alone(demo, config):
         model, spec = load_model(paths.model_dir(config, SCST), CPU)
     assert set(after) == set(before)
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert spec.extra["lm_fingerprint"] == load_model(demo / paths.model_dir(config, "viclipcap"), CPU)[1].extra["lm_fingerprint"]
+    assert spec.fingerprints["lm"] == load_model(demo / paths.model_dir(config, "viclipcap"), CPU)[1].fingerprints["lm"]
     assert sorted(p.name for p in (demo / paths.model_dir(config, SCST)).iterdir()) == [
         "config.json", "mapper.safetensors", "params.yaml"]
 

@@ -25,11 +25,10 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app as cli
 from pipeline.core.config import load_config
-from pipeline.core.names import MODELS
+from pipeline.core.registry import MODELS, STORES
 from pipeline.decoding.inference import LoadedModel
 from pipeline.encoders.images import BadImage, ImageTooLarge, open_rgb
 from pipeline.evaluation.report import display_name
-from pipeline.models import family
 from pipeline.serve import Limits, Served, create_app, load_served
 
 
@@ -102,10 +101,11 @@ def test_health_and_what_is_loaded(client, demo):
         model = described["model"]
         config = json.loads((demo / f"artifacts/models/{model}/config.json").read_text())
         metrics = json.loads((demo / f"artifacts/metrics/{model}.json").read_text())
-        assert described["trainable_parameters"] == config["trainable_parameters"] > 0
-        assert described["precision"]["training"] == config["precision"]
+        assert described["trainable_parameters"] == config["training"]["trainable_parameters"] > 0
+        assert described["precision"]["training"] == config["training"]["precision"]
         assert described["test_metrics"]["cider"] == metrics["cider"]
-        assert described["encoder"]["name"] == family(model).encoder
+        assert described["store"] == MODELS[model].store
+        assert described["encoder"]["name"] == STORES[described["store"]].encoder
         assert described["display"] == display_name(model)
     by_name = {m["model"]: m for m in info["models"]}
     assert by_name["viclipcap"]["lm"]["name"] == "models/lm" and by_name["cnn_lstm"]["lm"] is None

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from pipeline.core.names import MODELS
+from pipeline.core.registry import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's packages

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.core.config import yaml_parser
-from pipeline.core.names import ENCODERS, MODELS
+from pipeline.core.registry import MODELS, STORES
 from pipeline.workflow import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def test_dvc_yaml_is_what_the_registries_write():
 
 def test_every_store_and_model_has_its_stages():
     stages = yaml_parser().load(render())["stages"]
-    expected = {*(f"extract_{s}" for s in ENCODERS), *(f"{k}_{m}" for m in MODELS for k in ("train", "score")), "compare"}
+    expected = {*(f"extract_{s}" for s in STORES), *(f"{k}_{m}" for m in MODELS for k in ("train", "score")), "compare"}
     assert set(stages) == expected
     assert stages["train_viclipcap_scst"]["deps"][2] == "${train.out}/${train.viclipcap_scst.start_from}"
     assert stages["train_cnn_lstm"]["plots"] == [{"${train.out}/cnn_lstm.csv": {"x": "epoch", "y": "val_loss",

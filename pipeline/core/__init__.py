@@ -5,6 +5,6 @@
   io           atomic writes
   devices      which device, at which precision
   distributed  many processes, one result (torchrun)
-  names        the models and feature stores by name
+  registry     the feature stores and the models by name: the one list of each
   paths        where each stage writes
 """

@@ -11,9 +11,10 @@ import io
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ruamel.yaml import YAML, YAMLError
 
+from pipeline.core import registry
 from pipeline.core.errors import ViclipError
 
 
@@ -110,7 +111,7 @@ class ScstSettings(TrainSettings):
     """Self-critical sequence training: a trained model's mapper fine-tuned on CIDEr-D rewards; batch_size counts
     images, epochs and patience count passes over the training images and validation CIDEr."""
 
-    start_from: Literal["viclipcap", "viclipcap_rag"]  # the cross-entropy model whose mapper it fine-tunes
+    start_from: str  # the cross-entropy model whose mapper it fine-tunes: one of registry.starting_points
     samples: int = Field(gt=1)  # captions sampled per image; each one's baseline is the mean reward of the others
     max_length: int = Field(gt=0)  # tokens a sampled caption may run to, the stop included
 
@@ -130,14 +131,20 @@ class PublishedConfig(_Section):
     lm_train: LmTrain
 
 
-class TrainConfig(_Section):
-    seed: int
-    out: str  # models go to OUT/<model>/, their per-epoch log to OUT/<model>.csv
-    viclipcap: TrainSettings
-    viclipcap_rag: TrainSettings
-    viclipcap_scst: ScstSettings
-    viclipcap_published: TrainSettings
-    cnn_lstm: TrainSettings
+def _train_settings(model: registry.Model) -> type[TrainSettings]:
+    if model.objective == "cross_entropy":
+        return TrainSettings
+    return create_model(f"{model.name}_settings", __base__=ScstSettings,
+                        start_from=(Literal[registry.starting_points(model.name)], ...))
+
+
+# A section a model trains by, for each registered model.
+TrainConfig = create_model(
+    "TrainConfig", __base__=_Section,
+    seed=(int, ...),
+    out=(str, ...),  # models go to OUT/<model>/, their per-epoch log to OUT/<model>.csv
+    **{name: (_train_settings(model), ...) for name, model in registry.MODELS.items()},
+)
 
 
 # The score settings that decide which captions a model decodes (SCST's validation decodes with them);
@@ -163,20 +170,23 @@ class CompareConfig(_Section):
     out: str  # the comparison report goes to OUT/comparison.md, its chart to OUT/comparison.png
 
 
-class Config(_Section):
-    data: DataConfig
-    clip: ClipConfig
-    clip_published: ClipConfig
-    cnn: CnnConfig
-    lm: LmConfig
-    mapper: MapperConfig
-    retrieval: RetrievalConfig
-    viclipcap_published: PublishedConfig
-    lstm: LstmConfig
-    extract: ExtractConfig
-    train: TrainConfig
-    score: ScoreConfig
-    compare: CompareConfig
+ENCODER_SETTINGS = {"clip": ClipConfig, "cnn": CnnConfig}  # a store's section, by its encoder family
+
+# Every section of params.yaml; the feature stores' and the models' training sections come from the registry.
+Config = create_model(
+    "Config", __base__=_Section,
+    data=(DataConfig, ...),
+    **{name: (ENCODER_SETTINGS[store.encoder], ...) for name, store in registry.STORES.items()},
+    lm=(LmConfig, ...),
+    mapper=(MapperConfig, ...),
+    retrieval=(RetrievalConfig, ...),
+    viclipcap_published=(PublishedConfig, ...),
+    lstm=(LstmConfig, ...),
+    extract=(ExtractConfig, ...),
+    train=(TrainConfig, ...),
+    score=(ScoreConfig, ...),
+    compare=(CompareConfig, ...),
+)
 
 
 def yaml_parser() -> YAML:
@@ -205,11 +215,13 @@ def parse_config(raw: Any, source: str = "params") -> Config:
 
 
 def parse_section(name: str, raw: Any, source: str) -> BaseModel:
-    """One params section (as a model directory records it), as strict as params.yaml."""
+    """One params section as a model directory records it (under `sections`), as strict as params.yaml."""
+    if name not in Config.model_fields:
+        raise ViclipError(f"{source}: unknown section 'sections.{name}'")
     try:
         return Config.model_fields[name].annotation.model_validate(raw)
     except ValidationError as error:
-        raise ViclipError(_one_line(error, source, (name,))) from None
+        raise ViclipError(_one_line(error, source, ("sections", name))) from None
 
 
 def _one_line(error: ValidationError, source: str, within: tuple[str, ...] = ()) -> str:

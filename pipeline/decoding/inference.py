@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.core import registry
 from pipeline.core.config import Config, ScoreConfig
 from pipeline.core.devices import best_device
 from pipeline.core.errors import ViclipError
-from pipeline.core.names import ENCODERS
 from pipeline.decoding.beam import Captions, caption_features
 from pipeline.encoders import encoder_attrs, load_encoder
 from pipeline.encoders.base import ImageEncoder
 from pipeline.encoders.images import encode_files
-from pipeline.models import ModelSpec, family, load_model
+from pipeline.models import ModelSpec, load_model
 from pipeline.models.base import CaptionModel
 
 
@@ -33,23 +33,20 @@ class LoadedModel:
     model_dir: Path
     model: CaptionModel
     spec: ModelSpec
-    encoder_name: str  # clip or cnn
-    encoder: ImageEncoder
+    encoder: ImageEncoder  # the encoder of the store it was trained on
     device: torch.device
 
     @classmethod
     def load(cls, model_dir: str | Path, device: torch.device) -> LoadedModel:
         model, spec = load_model(model_dir, device)
-        # The model names the encoder it was trained on; refuse other weights under the same name.
-        name = family(spec.name).encoder
-        section = spec.sections[ENCODERS[name]]  # a store is named after its section; the spec records it as its family
-        encoder = load_encoder(name, section, device)
-        for key, value in encoder_attrs(name, section).items():
-            if spec.encoder.get(key) != value:
-                raise ViclipError(
-                    f"{model_dir}: trained on {name} {key}={spec.encoder.get(key)!r}, but {value!r} is what loads now"
-                )
-        return cls(Path(model_dir), model, spec, name, encoder, device)
+        # The model names the store it was trained on; refuse an encoder that would write another one.
+        family, settings = registry.STORES[spec.store].encoder, spec.sections[spec.store]
+        encoder = load_encoder(family, settings, device)
+        for key, value in encoder_attrs(family, settings).items():
+            if spec.store_attrs.get(key) != value:
+                raise ViclipError(f"{model_dir}: trained on store {spec.store} with {key}={spec.store_attrs.get(key)!r}, "
+                                  f"but {value!r} is what loads now")
+        return cls(Path(model_dir), model, spec, encoder, device)
 
     @property
     def name(self) -> str:

@@ -22,7 +22,7 @@ from contextlib import chdir
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import names, paths
+from pipeline.core import paths, registry
 from pipeline.core.config import dump_config, load_config, parse_config, yaml_parser
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import read_json, write_json, write_text
@@ -150,7 +150,7 @@ def run_demo(workdir: Path) -> None:
         scores["blind"] = score_file(config, blind_captions(workdir, splits).name)
         lengths = {m: mean_length(c["caption"] for c in read_json(paths.captions_path(config, m))) for m in models}
         lengths["references"] = mean_length(c for r in splits["test"] for c in r.captions)
-    first = scores[names.MODEL]
+    first = scores[registry.DEFAULT_MODEL]
     print(f"\nKTVIC-layout synthetic test split, {first['images']} images")
     print(format_tables(scores))
     print("blind = the most frequent training caption for every image")

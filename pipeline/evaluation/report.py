@@ -24,6 +24,7 @@ from typing import Any
 
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import atomic_path
+from pipeline.core.registry import MODELS
 from pipeline.evaluation.metrics import METRICS, shared_protocols
 
 Scores = Mapping[str, float | None]
@@ -42,16 +43,10 @@ ROWS: tuple[tuple[str, str], ...] = (
 
 BASELINE = "cnn_lstm"  # every comparison has it, in its first column
 
-# Model name (as in the metrics files and model directories) -> display name, in display
-# order: the baseline, ViCLIPCap, then ViCLIPCap's variants. A model not named here is
-# shown under its own name, after these. The order also fixes each model's chart colour.
-DISPLAY: dict[str, str] = {
-    BASELINE: "CNN+LSTM",
-    "viclipcap": "ViCLIPCap",
-    "viclipcap_rag": "ViCLIPCap + retrieval",
-    "viclipcap_scst": "ViCLIPCap + SCST",
-    "viclipcap_published": "ViCLIPCap, published setting",
-}
+# Model name (as in the metrics files and model directories) -> display name, in the registry's order:
+# the baseline, ViCLIPCap, then ViCLIPCap's variants. A model not registered is shown under its own name,
+# after these. The order also fixes each model's chart colour.
+DISPLAY: dict[str, str] = {name: model.title for name, model in MODELS.items()}
 
 # The ViCLIPCap paper's KTVIC test results, copied, never re-run. Caveats found in
 # its public code: the "CNN+LSTM" column really came from an EfficientNetV2-S
@@ -203,37 +198,37 @@ def _config_field(config: Mapping[str, Any], key: str, model: str) -> Any:
     return config[key]
 
 
-def _lm(config: Mapping[str, Any]) -> str:
-    """How the LM was trained: absent for the baseline; `frozen` in model dirs from before `lm.train`."""
-    return str(config["lm"].get("train", "frozen")) if isinstance(config.get("lm"), Mapping) else NOT_APPLICABLE
+def _lm(sections: Mapping[str, Any]) -> str:
+    """How the LM was trained: absent for the baseline."""
+    return str(sections["lm"]["train"]) if isinstance(sections.get("lm"), Mapping) else NOT_APPLICABLE
 
 
-def _setup(config: Mapping[str, Any]) -> str:
+def _setup(sections: Mapping[str, Any], training: Mapping[str, Any]) -> str:
     """What else makes a variant: the model it was fine-tuned from, its retrieval's `k`."""
-    start_from, retrieval = config.get("start_from"), config.get("retrieval")
+    start_from, retrieval = training.get("start_from"), sections.get("retrieval")
     parts = []
     if start_from is not None:
-        model = start_from.get("model", "?") if isinstance(start_from, Mapping) else start_from
-        parts.append(f"starts from {display_name(str(model))}")
+        parts.append(f"starts from {display_name(str(start_from.get('model', '?')))}")
     if retrieval is not None:
-        k = retrieval.get("k") if isinstance(retrieval, Mapping) else None
-        parts.append("retrieval" + ("" if k is None else f" k={k}"))
+        parts.append(f"retrieval k={retrieval.get('k')}")
     return "; ".join(parts) or NOT_APPLICABLE
 
 
 def _model_row(model: str, config: Mapping[str, Any], scores: Mapping[str, Any]) -> str:
-    encoder = _config_field(config, "encoder", model)
+    """One model's row, from its config.json (`pipeline.models.ModelSpec.to_json`)."""
+    sections, training = _config_field(config, "sections", model), _config_field(config, "training", model)
+    store = _config_field(config, "fingerprints", model)["store"]
     unfinished = scores.get("unfinished")
     cells = [
         display_name(model),
-        f"{str(encoder.get('encoder', '?')).upper()} {encoder.get('model', '?')}",
-        _lm(config),
-        _setup(config),
-        f"{_config_field(config, 'trainable_parameters', model):,}",
-        f"{_config_field(config, 'train_seconds', model):.1f}",
-        str(_config_field(config, "best_epoch", model)),
-        str(_config_field(config, "device", model)),
-        str(config.get("precision", "not recorded")),  # recorded since training went bf16 where native
+        f"{str(store.get('encoder', '?')).upper()} {store.get('model', '?')}",
+        _lm(sections),
+        _setup(sections, training),
+        f"{_config_field(training, 'trainable_parameters', model):,}",
+        f"{_config_field(training, 'train_seconds', model):.1f}",
+        str(_config_field(training, "best_epoch", model)),
+        str(_config_field(training, "device", model)),
+        str(_config_field(training, "precision", model)),
         "not recorded" if unfinished is None else f"{unfinished} of {scores['images']}",  # recorded since lm.stop
     ]
     return "| " + " | ".join(cells) + " |"

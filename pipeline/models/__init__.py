@@ -1,61 +1,82 @@
-"""The two captioning models, and the model directory that holds a trained one.
+"""The two model architectures, and the model directory that holds a trained model.
 
   viclipcap  frozen CLIP embedding -> trained mapping network -> frozen GPT-2
   cnn_lstm   frozen CNN feature grid -> trained LSTM with soft attention (the baseline)
 
-Both present one interface to training, decoding and scoring (`CaptionModel`, in
-`base`), so `viclip train|score --model NAME` run the same stage code for either.
-Each model module registers its `Family` in `base.REGISTRY` when imported; this
-package imports them all. The models import `base`, never this package.
+Both present one interface to training, decoding and scoring (`CaptionModel`, in `base`), so
+`viclip train|score --model NAME` run the same stage code for every registered model
+(`pipeline.core.registry`). Each architecture module registers itself in `base.REGISTRY` when imported;
+this package imports them all. The models import `base`, never this package.
 
 A model directory holds only what was trained:
   *.safetensors  the trained weights (the mapper, or the whole LSTM decoder)
   vocab.json     the baseline's syllable vocabulary
-  config.json    what to rebuild around them: the feature-store attributes the
-                 model was trained on, the params sections that define it, what
-                 else a reloaded model must match (ViCLIPCap: the LM's
-                 fingerprint), and how training went
+  config.json    what the model is, then how its training went (`ModelSpec`)
   params.yaml    the resolved params of the run that produced it
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
+from pipeline.core import registry
 from pipeline.core.config import Config, parse_section
 from pipeline.core.errors import ViclipError
-from pipeline.core.names import MODELS
+from pipeline.core.registry import Sections
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.features import FeatureStore
 from pipeline.models import cnn_lstm, viclipcap  # noqa: F401  (each registers itself)
-from pipeline.models.base import REGISTRY, CaptionModel, Family
+from pipeline.models.base import REGISTRY, Architecture, CaptionModel
 
-FORMAT = "viclip-model/1"
+FORMAT = "viclip-model/2"
 CONFIG = "config.json"
 
 
-def family(name: str) -> Family:
-    if name not in MODELS:
-        raise ViclipError(f"unknown model {name!r}; one of {', '.join(MODELS)}")
-    return REGISTRY[name]
+def architecture(name: str) -> Architecture:
+    """What builds model `name`."""
+    return REGISTRY[registry.model(name).architecture]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a model directory's config.json says."""
+    """What a model directory's config.json says: what the model is (its name, the store it reads, the params
+    sections that define it, the fingerprints a reloaded one must match), then how its training went."""
 
     name: str
-    encoder: dict[str, Any]  # feature-store attributes the model was trained on
-    sections: dict[str, BaseModel | None]  # the params sections that define the model; None: not used
-    extra: dict[str, Any]  # how training went
+    store: str  # the feature store it was trained on
+    sections: Sections  # the params sections that define it, as it reads them (registry.Model.sections)
+    # "store": the store's attributes; what else it recorded (CaptionModel.record: its LM's, its datastore's)
+    fingerprints: dict[str, Any]
+    training: dict[str, Any]  # how training went: epochs, the best one, its validation figure, time, hardware
+
+    @property
+    def store_attrs(self) -> dict[str, Any]:
+        return self.fingerprints["store"]
 
     def to_json(self) -> dict[str, Any]:
-        sections = {name: section and section.model_dump() for name, section in self.sections.items()}
-        return {"format": FORMAT, "model": self.name, "encoder": self.encoder, **sections, **self.extra}
+        return {"format": FORMAT, "model": self.name, "store": self.store,
+                "sections": {name: section.model_dump() for name, section in self.sections.items()},
+                "fingerprints": self.fingerprints, "training": self.training}
+
+
+def build_model(name: str, config: Config, records: Sequence[ImageRecord], store: FeatureStore | None,
+                attrs: dict[str, Any], device: torch.device) -> CaptionModel:
+    """A fresh model `name` as `config` defines it, for training on a store with attributes `attrs` (its
+    training split's `records` and `store`)."""
+    return architecture(name).build(registry.model(name).sections(config), records, store, attrs, device)
+
+
+def spec_for(name: str, config: Config, model: CaptionModel, attrs: dict[str, Any],
+             training: dict[str, Any]) -> ModelSpec:
+    """The spec of model `name`, built under `config` on a store with attributes `attrs`, trained as `training` says."""
+    entry = registry.model(name)
+    return ModelSpec(name, entry.store, entry.sections(config), {"store": attrs, **model.record()}, training)
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:
@@ -64,30 +85,23 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         raise ViclipError(f"{model_dir}: not a model directory (no {CONFIG}; run `viclip train`)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("format") == "viclip-model/1":
+            raise ViclipError(f"{path}: written by an older viclip (viclip-model/1), which this one does not read; "
+                              f"train it again: viclip train --model {raw.get('model')}")
         if raw.get("format") != FORMAT:
             raise ViclipError(f"{path}: not a viclip model config (format {raw.get('format')!r})")
-        if raw["model"] not in MODELS:
-            raise ViclipError(f"{path}: unknown model {raw['model']!r}")
-        recipe = family(raw["model"])
-        names = recipe.sections
+        name = registry.model(raw["model"]).name
         # A section from an older viclip (before lm.stop, say) names the key it lacks.
-        sections = {name: None if name in recipe.optional and raw.get(name, {}) is None
-                    else parse_section(name, raw.get(name), f"{path} (train again?)") for name in names}
-        known = {"format", "model", "encoder", *names}
-        return ModelSpec(raw["model"], raw["encoder"], sections, {k: v for k, v in raw.items() if k not in known})
+        sections = {key: parse_section(key, value, f"{path} (train again?)") for key, value in raw["sections"].items()}
+        return ModelSpec(name, raw["store"], sections, dict(raw["fingerprints"]), dict(raw["training"]))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ViclipError(f"{path}: malformed model config ({str(error).splitlines()[0]})") from None
-
-
-def spec_for(name: str, config: Config, encoder: dict[str, Any], extra: dict[str, Any]) -> ModelSpec:
-    """The spec of model `name` trained under `config` (as the model reads it) on a store with attributes `encoder`."""
-    return ModelSpec(name, encoder, {s: getattr(config, s) for s in family(name).sections}, extra)
 
 
 def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionModel, ModelSpec]:
     """Rebuild exactly the model that was trained, whichever it is, in eval mode."""
     spec = read_spec(model_dir)
-    model = family(spec.name).rebuild(Path(model_dir), spec.sections, spec.encoder, device)
+    model = architecture(spec.name).rebuild(Path(model_dir), spec.sections, spec.store_attrs, device)
     check_record(model, spec, model_dir)  # before the weights: weights that do not fit another LM are a symptom
     model.restore(Path(model_dir))
     return model.eval(), spec
@@ -96,11 +110,11 @@ def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionMode
 def check_record(model: CaptionModel, spec: ModelSpec, model_dir: str | Path) -> None:
     """Refuse, in one line, a model directory whose recorded LM (or datastore) is not what `model` was built with."""
     for key, now in model.record().items():
-        then = spec.extra.get(key) or {}
+        then = spec.fingerprints.get(key) or {}
         differ = [k for k in sorted({*then, *now}) if then.get(k) != now.get(k)]
         if differ:
             raise ViclipError(
-                f"{model_dir}: trained against another {key.removesuffix('_fingerprint')}: "
+                f"{model_dir}: trained against another {key}: "
                 + "; ".join(f"{k} was {then.get(k)!r}, now {now.get(k)!r}" for k in differ)
                 + ". Train again, or load the one it was trained against"
             )

@@ -1,20 +1,19 @@
 """What training, decoding and scoring need from a caption model (`CaptionModel`), the registry each
-model adds itself to (`Family`), and the weight files of a model directory."""
+architecture adds itself to (`Architecture`), and the weight files of a model directory."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from pipeline.core.config import Config
 from pipeline.core.errors import ViclipError
+from pipeline.core.registry import Sections
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore
 
@@ -66,23 +65,14 @@ class CaptionModel(nn.Module):
 
 
 @dataclass(frozen=True)
-class Family:
-    """One model's recipe: what it reads, what defines it, how to build it fresh for training, and how to
-    rebuild a trained one's shape from its model directory (its weights are then `restore`d)."""
+class Architecture:
+    """How to build one kind of model fresh for training, and rebuild a trained one's shape from its model
+    directory (its weights are then `restore`d); each from the params sections that define the model
+    (`registry.Model.sections`) and the attributes of the store it reads."""
 
-    encoder: str  # the feature store it reads (names.ENCODERS)
-    sections: tuple[str, ...]  # the params sections that define it, recorded in config.json
-    # From the training split (its records and its feature store) and the store's attributes.
-    build: Callable[[Config, Sequence[ImageRecord], FeatureStore | None, dict[str, Any], torch.device], CaptionModel]
-    rebuild: Callable[[Path, dict[str, BaseModel | None], dict[str, Any], torch.device], CaptionModel]
-    # The params.yaml sections it reads besides data and train (its store's among them): its DVC params.
-    reads: tuple[str, ...]
-    # How it trains: teacher-forced cross-entropy, or self-critical training from a trained model (its
-    # train settings' start_from).
-    objective: Literal["cross_entropy", "scst"] = "cross_entropy"
-    # The params as this model reads them: a variant puts its own settings where the family reads them.
-    view: Callable[[Config], Config] = lambda config: config
-    optional: tuple[str, ...] = ()  # sections a view may leave out (None, null in config.json)
+    # From the training split (its records and its feature store) as well.
+    build: Callable[[Sections, Sequence[ImageRecord], FeatureStore | None, dict[str, Any], torch.device], CaptionModel]
+    rebuild: Callable[[Path, Sections, dict[str, Any], torch.device], CaptionModel]
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -134,8 +124,8 @@ def load_weights(module: nn.Module, path: Path, load: Callable[[nn.Module, str],
         ) from None
 
 
-REGISTRY: dict[str, Family] = {}  # filled by each model module as it is imported
+REGISTRY: dict[str, Architecture] = {}  # filled by each model module as it is imported
 
 
-def register(name: str, recipe: Family) -> None:
-    REGISTRY[name] = recipe
+def register(name: str, architecture: Architecture) -> None:
+    REGISTRY[name] = architecture

@@ -26,16 +26,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 from torch import nn
 
-from pipeline.core.config import Config, LstmConfig
+from pipeline.core.config import LstmConfig
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import write_json
+from pipeline.core.registry import Sections
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore
 from pipeline.evaluation.text import protocol_text
-from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
+from pipeline.models.base import Architecture, CaptionModel, Step, load_weights, register, save_weights
 
 WEIGHTS = "decoder.safetensors"
 VOCAB = "vocab.json"
@@ -178,20 +178,15 @@ class ShowAttendTell(CaptionModel):
         load_weights(self, directory / WEIGHTS)
 
 
-def build(
-    config: Config, records: Sequence[ImageRecord], store: FeatureStore | None, encoder: dict[str, Any],
-    device: torch.device,
-) -> ShowAttendTell:
+def build(sections: Sections, records: Sequence[ImageRecord], store: FeatureStore | None, attrs: dict[str, Any],
+          device: torch.device) -> ShowAttendTell:
     """A fresh decoder whose vocabulary comes from `records`, the training split's captions."""
-    vocab = Vocabulary.build((c for r in records for c in r.captions), config.lstm.min_count)
-    return ShowAttendTell(vocab, encoder["embedding_dim"], config.lstm).to(device)
+    vocab = Vocabulary.build((c for r in records for c in r.captions), sections["lstm"].min_count)
+    return ShowAttendTell(vocab, attrs["embedding_dim"], sections["lstm"]).to(device)
 
 
-def rebuild(
-    model_dir: Path, sections: dict[str, BaseModel], encoder: dict[str, Any], device: torch.device
-) -> ShowAttendTell:
-    model = ShowAttendTell(Vocabulary.load(model_dir / VOCAB), encoder["embedding_dim"], sections["lstm"])
-    return model.to(device)
+def rebuild(model_dir: Path, sections: Sections, attrs: dict[str, Any], device: torch.device) -> ShowAttendTell:
+    return ShowAttendTell(Vocabulary.load(model_dir / VOCAB), attrs["embedding_dim"], sections["lstm"]).to(device)
 
 
-register("cnn_lstm", Family("cnn", ("cnn", "lstm"), build, rebuild, reads=("cnn", "lstm")))
+register("cnn_lstm", Architecture(build, rebuild))

@@ -1,8 +1,8 @@
-"""The training loop every model runs, its objective picked by the model's family.
+"""The training loop every model runs, its objective the one its registry entry names.
 
 AdamW on the trainable parameters, linear warm-up then decay, a validation figure after every epoch, the
 best epoch's weights kept, and early stopping after `patience` epochs without a better one. The objective
-is cross-entropy (validation loss, lower is better), or for an SCST family self-critical training from the
+is cross-entropy (validation loss, lower is better), or for an SCST model self-critical training from the
 model it starts from (validation CIDEr-D, higher is better; the starting model is epoch 0). Each epoch ends
 with a checkpoint (`checkpoint`), so a killed run resumes where it was; where the loop stands is one
 `TrainerState`. Under torchrun what is trained is wrapped in DistributedDataParallel; the main rank writes.
@@ -19,14 +19,14 @@ from typing import Protocol
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.core import distributed, paths
+from pipeline.core import distributed, paths, registry
 from pipeline.core.config import Config, TrainSettings
 from pipeline.core.devices import Precision
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import write_text
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore
-from pipeline.models import check_record, family, read_spec
+from pipeline.models import check_record, read_spec
 from pipeline.models.base import CaptionModel, load_trained_state, trained_state
 from pipeline.training import checkpoint
 from pipeline.training.batches import CaptionSet
@@ -59,28 +59,29 @@ class TrainerState:
     log: list[str] = field(default_factory=list)  # the per-epoch CSV, header first
 
 
-def start_from(config: Config, model: CaptionModel, name: str, encoder: dict) -> dict:
+def start_from(config: Config, model: CaptionModel, name: str, attrs: dict) -> dict:
     """Load the weights of model `name`, trained under the settings this one reads; what it was, for the record."""
     directory = paths.model_dir(config, name)
     spec = read_spec(directory)
     if spec.name != name:
         raise ViclipError(f"{directory}: holds model {spec.name!r}, not {name!r}")
-    differ = [s for s in spec.sections if spec.sections[s] != getattr(config, s)]
-    if spec.encoder != encoder or differ:
+    now = registry.model(name).sections(config)
+    differ = [s for s in sorted({*spec.sections, *now}) if spec.sections.get(s) != now.get(s)]
+    if spec.store_attrs != attrs or differ:
         what = ", ".join(differ) or "its feature store"
         raise ViclipError(f"{directory}: trained under other settings ({what}); run `viclip train --model {name}` first")
     check_record(model, spec, directory)
     model.restore(directory)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(directory.glob("*.safetensors")))).hexdigest()
-    return {"model": name, "weights": f"sha256:{digest}", **{k: spec.extra.get(k) for k in ("val_loss", "best_epoch")}}
+    return {"model": name, "weights": f"sha256:{digest}", **{k: spec.training.get(k) for k in ("val_loss", "best_epoch")}}
 
 
 def objective_for(name: str, config: Config, model: CaptionModel, records: dict[str, list[ImageRecord]],
-                  stores: dict[str, FeatureStore], encoder: dict, device: torch.device) -> tuple[Objective, dict | None]:
+                  stores: dict[str, FeatureStore], attrs: dict, device: torch.device) -> tuple[Objective, dict | None]:
     """Model `name`'s objective over the train and val splits, and the model it starts from (None: from scratch)."""
     settings = getattr(config.train, name)
-    if family(name).objective == "scst":
-        start = start_from(config, model, settings.start_from, encoder)
+    if registry.model(name).objective == "scst":
+        start = start_from(config, model, settings.start_from, attrs)
         data = {split: ImageSet.build(records[split], stores[split], device) for split in stores}
         return SelfCritical(model, data, settings, config.score), start
     captions = {split: CaptionSet.build(records[split], stores[split], model.encode, model.max_tokens, device)
@@ -94,9 +95,10 @@ def objective_for(name: str, config: Config, model: CaptionModel, records: dict[
 
 def fingerprint(config: Config, name: str, stores: dict[str, FeatureStore], start: dict | None) -> str:
     """The settings, data and processes a checkpoint belongs to (the code is added by `checkpoint`)."""
+    sections = {"data": config.data, **registry.model(name).sections(config)}
     return checkpoint.fingerprint({
         "model": name,
-        "sections": {s: getattr(config, s) and getattr(config, s).model_dump() for s in ("data", *family(name).sections)},
+        "sections": {key: section.model_dump() for key, section in sections.items()},
         "seed": config.train.seed,
         "train": getattr(config.train, name).model_dump(),
         "stores": {split: store.identity() for split, store in stores.items()},
@@ -114,7 +116,7 @@ class Trainer:
     name: str
     model: CaptionModel
     objective: Objective
-    config: Config  # as the model reads it
+    config: Config
     device: torch.device
     fingerprint: str
     start: dict | None  # the trained model it starts from

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core import devices, names, paths
+from pipeline.core import devices, paths, registry
 from pipeline.core.config import Config, parse_config
 from pipeline.core.devices import autocast
 from pipeline.core.io import read_json
@@ -102,7 +102,7 @@ def build_project(root: Path, tiny: Path | None = None) -> dict[str, Any]:
     params["data"]["root"] = str(data)
     params["clip"].update(pretrained=str(clip_weights), config=str(clip_config))
     params["lm"]["name"] = str(lm)
-    params["train"][names.MODEL].update(TRAINING)
+    params["train"][registry.DEFAULT_MODEL].update(TRAINING)
     report("build", train_images=TRAIN_IMAGES, test_images=TEST_IMAGES, seconds=time.perf_counter() - started)
     return params
 
@@ -164,8 +164,8 @@ def check_training(reference: Config, reference_device: torch.device, other: Con
     """Each run trained where it was asked to, and both reached about the same best validation loss."""
     ours, theirs = trained(reference), trained(other)
     for spec, where in ((ours, reference_device), (theirs, device)):
-        assert spec["device"] == devices.hardware(where), f"trained on {spec['device']}, not {where}"
-        assert math.isfinite(spec["val_loss"]), spec
+        assert spec["training"]["device"] == devices.hardware(where), f"trained on {spec['training']['device']}, not {where}"
+        assert math.isfinite(spec["training"]["val_loss"]), spec
     gap = abs(theirs["val_loss"] - ours["val_loss"]) / ours["val_loss"]
     figures = {"val_loss_reference": ours["val_loss"], "val_loss": theirs["val_loss"], "relative_gap": gap,
                "precision": theirs.get("precision"), "best_epoch": theirs["best_epoch"],
@@ -198,7 +198,7 @@ def decode(config: Config, device: torch.device, precision_name: str = "fp32") -
     whether that ran under autocast."""
     started = time.perf_counter()
     model, spec = load_model(paths.model_dir(config), device)
-    features = torch.from_numpy(open_store(paths.store_path(config, "test"), spec.encoder).embeddings).to(device)
+    features = torch.from_numpy(open_store(paths.store_path(config, "test"), spec.store_attrs).embeddings).to(device)
     with precision(device, precision_name):
         autocast_on = torch.is_autocast_enabled(device.type)
         captions = caption_features(model, features, config.score)
@@ -214,7 +214,7 @@ def caption_losses(config: Config, captions: list[str]) -> list[float]:
     log-likelihood per token, end token included (beam search ranks by its negative, at length
     penalty 1)."""
     model, spec = load_model(paths.model_dir(config), CPU)
-    features = torch.from_numpy(open_store(paths.store_path(config, "test"), spec.encoder).embeddings)
+    features = torch.from_numpy(open_store(paths.store_path(config, "test"), spec.store_attrs).embeddings)
     losses = []
     for row, ids in enumerate(model.encode(captions)):
         tokens = torch.tensor([ids])

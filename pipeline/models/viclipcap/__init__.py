@@ -1,10 +1,10 @@
 """ViCLIPCap: frozen CLIP embedding -> trained mapping network (`mapper`) -> frozen Vietnamese GPT-2 (`lm`).
 
-`captioner` joins them into one caption model and registers it as "viclipcap"; `variants` registers the
-same captioner under other settings (retrieval, SCST, the published setting).
+`captioner` joins them into one caption model and registers its architecture as "viclipcap"; viclipcap and
+its variants (retrieval, SCST, the published setting) are that architecture under other params sections
+(`pipeline.core.registry`).
 """
 
-from pipeline.models.viclipcap import variants  # noqa: F401  (registers the variants)
 from pipeline.models.viclipcap.captioner import Captioner
 
 __all__ = ["Captioner"]

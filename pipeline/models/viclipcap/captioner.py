@@ -7,20 +7,20 @@ Its model directory holds `mapper.safetensors`, the mapper's weights, and of the
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 from torch import nn
 
-from pipeline.core.config import Config, LmConfig, MapperConfig
+from pipeline.core.config import LmConfig, MapperConfig
 from pipeline.core.errors import ViclipError
+from pipeline.core.registry import Sections
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore
-from pipeline.models.base import CaptionModel, Family, Step, load_weights, register, save_weights
+from pipeline.models.base import Architecture, CaptionModel, Step, load_weights, register, save_weights
 from pipeline.models.viclipcap.lm import LanguageModel, load_lm
 from pipeline.models.viclipcap.loss import frozen_head_cross_entropy
 from pipeline.models.viclipcap.mapper import build_mapper
@@ -56,7 +56,7 @@ class Captioner(CaptionModel):
         self.max_tokens = lm.model.config.max_position_embeddings - mapper.prefix_length - self.max_prompt
 
     def record(self) -> dict[str, Any]:
-        record = {"lm_fingerprint": self.lm.fingerprint()}
+        record = {"lm": self.lm.fingerprint()}
         if self.retrieval is not None:
             record["datastore"] = self.retrieval.datastore.source
         return record
@@ -170,34 +170,26 @@ def _positions(attention: torch.Tensor) -> torch.Tensor:
     return (attention.long().cumsum(1) - 1).clamp(min=0)
 
 
-def build(config: Config, records: Sequence[ImageRecord], store: FeatureStore | None, encoder: dict[str, Any],
+def build(sections: Sections, records: Sequence[ImageRecord], store: FeatureStore | None, attrs: dict[str, Any],
           device: torch.device) -> Captioner:
     """A fresh mapper sized from the stored embeddings and the LM, in front of the LM as lm.train sets it up; with
-    `config.retrieval`, the training split's store and captions as the datastore."""
+    a `retrieval` section, the training split's store and captions as the datastore."""
     retrieval = None
-    if config.retrieval is not None:
-        retrieval = Retrieval(Datastore.build(store, records, device), config.retrieval)
-    return _assemble(config.lm, config.mapper, retrieval, encoder, device)
+    if sections.get("retrieval") is not None:
+        retrieval = Retrieval(Datastore.build(store, records, device), sections["retrieval"])
+    return _assemble(sections["lm"], sections["mapper"], retrieval, attrs, device)
 
 
-def rebuild(model_dir: Path, sections: dict[str, BaseModel | None], encoder: dict[str, Any], device: torch.device) -> Captioner:
+def rebuild(model_dir: Path, sections: Sections, attrs: dict[str, Any], device: torch.device) -> Captioner:
     retrieval = sections.get("retrieval")
-    retrieval = None if retrieval is None else Retrieval(Datastore.load(model_dir, encoder["embedding_dim"], device), retrieval)
-    return _assemble(sections["lm"], sections["mapper"], retrieval, encoder, device)
+    retrieval = None if retrieval is None else Retrieval(Datastore.load(model_dir, attrs["embedding_dim"], device), retrieval)
+    return _assemble(sections["lm"], sections["mapper"], retrieval, attrs, device)
 
 
-def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval | None, encoder: dict[str, Any],
+def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval | None, attrs: dict[str, Any],
               device: torch.device) -> Captioner:
     lm = load_lm(lm_settings.name, lm_settings.stop, device, lm_settings.train, lm_settings.lora)
-    return Captioner(build_mapper(mapper, encoder["embedding_dim"], lm.width).to(device), lm, retrieval)
+    return Captioner(build_mapper(mapper, attrs["embedding_dim"], lm.width).to(device), lm, retrieval)
 
 
-def captioner_family(encoder: str = "clip", view: Callable[[Config], Config] = lambda config: config,
-                     reads: tuple[str, ...] = ("clip", "lm", "mapper"), objective: str = "cross_entropy") -> Family:
-    """This captioner reading feature store `encoder` under a `view` of the params sections it `reads`,
-    trained by `objective`: viclipcap and its variants differ only in these."""
-    return Family(encoder, ("clip", "lm", "mapper", "retrieval"), build, rebuild, reads, objective, view=view,
-                  optional=("retrieval",))
-
-
-register("viclipcap", captioner_family(view=lambda config: config.model_copy(update={"retrieval": None})))
+register("viclipcap", Architecture(build, rebuild))
