@@ -198,7 +198,7 @@ def test_a_full_queue_is_answered_503_at_once_and_the_rest_are_served(served, ph
     # Pillow only warns between its limit (89.5M pixels) and twice it, and raises above: both are refused.
     ([("warns.png", bomb(10_000, 10_000))], {}, 413, ["'warns.png'", "too large", "100000000 pixels"]),
     ([("raises.png", bomb(20_000, 10_000))], {}, 413, ["'raises.png'", "too large", "200000000 pixels"]),
-    ([("a.jpg", "photo")], {"model": "resnet"}, 400, ["unknown model 'resnet'", "viclipcap, cnn_lstm"]),
+    ([("a.jpg", "photo")], {"model": "resnet"}, 400, ["unknown model 'resnet'", ", ".join(MODELS)]),
     ([("a.jpg", "photo")], {"beam_size": "0"}, 400, ["beam_size must be between 1 and 10, not 0"]),
     ([("a.jpg", "photo")], {"beam_size": "11"}, 400, ["beam_size must be between 1 and 10, not 11"]),
     ([("a.jpg", "photo")], {"beam_size": "five"}, 400, ["beam_size must be an integer, not 'five'"]),

@@ -113,7 +113,7 @@ def validation_cider(model: CaptionModel, data: ImageSet, settings: ScoreConfig)
 
 @dataclass
 class SelfCritical:
-    """What an SCST family trains by (pipeline.training.trainer): rewards in training, CIDEr-D in validation."""
+    """What an SCST model trains by (pipeline.training.trainer): rewards in training, CIDEr-D in validation."""
 
     model: CaptionModel
     data: dict[str, ImageSet]  # train (the reward's references and document frequencies) and val

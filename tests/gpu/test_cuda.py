@@ -140,7 +140,8 @@ def run_stages(params: dict[str, Any], out: Path, device: torch.device) -> Confi
 
 
 def trained(config: Config) -> dict[str, Any]:
-    return read_json(paths.model_dir(config) / CONFIG)
+    """How the model's training went, as its config.json records it."""
+    return read_json(paths.model_dir(config) / CONFIG)["training"]
 
 
 def check_extraction(reference: Config, other: Config) -> dict[str, float]:
@@ -164,8 +165,8 @@ def check_training(reference: Config, reference_device: torch.device, other: Con
     """Each run trained where it was asked to, and both reached about the same best validation loss."""
     ours, theirs = trained(reference), trained(other)
     for spec, where in ((ours, reference_device), (theirs, device)):
-        assert spec["training"]["device"] == devices.hardware(where), f"trained on {spec['training']['device']}, not {where}"
-        assert math.isfinite(spec["training"]["val_loss"]), spec
+        assert spec["device"] == devices.hardware(where), f"trained on {spec['device']}, not {where}"
+        assert math.isfinite(spec["val_loss"]), spec
     gap = abs(theirs["val_loss"] - ours["val_loss"]) / ours["val_loss"]
     figures = {"val_loss_reference": ours["val_loss"], "val_loss": theirs["val_loss"], "relative_gap": gap,
                "precision": theirs.get("precision"), "best_epoch": theirs["best_epoch"],
