@@ -263,7 +263,9 @@ def _megabytes(data: CaptionSet) -> float:
 
 # The variants timed, each MODEL[:LM_TRAIN]: every registered ViCLIPCap model as params.yaml defines it, and
 # viclipcap with the LM under LoRA. The first, viclipcap (cross-entropy, the LM frozen), is the reference.
-VARIANTS = (*(name for name, model in registry.MODELS.items() if model.architecture == "viclipcap"), "viclipcap:lora")
+VARIANTS = (registry.DEFAULT_MODEL, *(name for name, model in registry.MODELS.items()
+                                     if model.architecture == "viclipcap" and name != registry.DEFAULT_MODEL),
+            "viclipcap:lora")
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def workflow(
     check: Annotated[bool, typer.Option(help="Only check that dvc.yaml is what it would write.")] = False,
     path: Annotated[Path, typer.Option(help="The DVC pipeline file.")] = Path("dvc.yaml"),
 ) -> None:
-    """Write dvc.yaml from the registries of feature stores and models (after adding one)."""
+    """Write dvc.yaml from the registry of feature stores and models (after adding one)."""
     from pipeline import workflow as dvc_file
 
     with _clear_errors():

@@ -1,4 +1,4 @@
-"""dvc.yaml, written from the registries: one extract stage per feature store, a train and a score stage per
+"""dvc.yaml, written from the registry: one extract stage per feature store, a train and a score stage per
 model, and the comparison. Each kind of stage is written once, here; `viclip workflow` writes the file and
 `viclip workflow --check` (and tests/test_workflow.py) fails while it is not what this writes.
 
@@ -23,10 +23,11 @@ from pipeline.core.registry import MODELS, STORES
 from pipeline.models import architecture
 
 HEADER = """\
-# Written by `viclip workflow` from the registries of feature stores and models (pipeline/workflow.py):
-# change those, then run it; `viclip workflow --check` fails while this file is not what it writes.
+# Written by `viclip workflow` (pipeline/workflow.py) from the registry of feature stores and models
+# (pipeline/core/registry.py): change it, then run that; `viclip workflow --check` fails while this file is
+# not what it writes.
 #   extract_<store> -> train_<model> -> score_<model> -> compare
-#   train_viclipcap_scst also starts from the model that train.viclipcap_scst.start_from names.
+#   an SCST model's training also starts from the model that its train.<model>.start_from names.
 # Paths come from params.yaml. Deps are the code a stage runs and the artifacts it reads, params the
 # sections it reads: changing one model's settings re-runs that model's branch and the comparison.
 """
@@ -144,7 +145,7 @@ def write(path: Path, check: bool = False) -> str:
     text = render()
     if check:
         if not (path.is_file() and path.read_text(encoding="utf-8") == text):
-            raise ViclipError(f"{path} is not what `viclip workflow` writes from the registries; run it")
+            raise ViclipError(f"{path} is not what `viclip workflow` writes from the registry; run it")
         return f"workflow: {path} is current ({len(stages())} stages)"
     write_text(path, text)
     return f"workflow: {len(stages())} stages -> {path}"

@@ -81,7 +81,7 @@ def test_the_baseline_branch_and_the_comparison_run_from_the_cli(project):
 
 
 @pytest.mark.parametrize("args", [("train", "--model", "lstm"), ("extract", "--store", "vgg"), ("score", "--model", "x")])
-def test_unknown_model_or_encoder_names_the_choices(project, args):
+def test_unknown_model_or_store_names_the_choices(project, args):
     result = invoke(*args)
     assert result.exit_code == 2 and "must be one of" in result.output and "Traceback" not in result.output
 

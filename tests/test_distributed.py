@@ -22,6 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from pipeline.core.config import dump_config, load_config
+from pipeline.core.registry import MODELS
 from pipeline.demo import dvc
 from tests.conftest import VICLIP
 
@@ -262,9 +263,8 @@ def test_a_killed_rank_ends_the_run_with_an_error_not_a_hang(project):
 
 @pytest.mark.parametrize("model", ["viclipcap", "cnn_lstm"])
 def test_a_store_over_the_memory_budget_is_streamed_with_the_same_result(project, model):
-    encoder = "clip" if model == "viclipcap" else "cnn"
     edit(project, **{f"train__{model}__epochs": 2})
-    run("extract", "--store", encoder)
+    run("extract", "--store", MODELS[model].store)
     run("train", "--model", model)
     in_memory = (project / "artifacts/models" / model).glob("*.safetensors")
     in_memory = {p.name: p.read_bytes() for p in in_memory}

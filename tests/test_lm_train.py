@@ -30,7 +30,7 @@ from pipeline.training.cross_entropy import train_epoch
 from pipeline.training.optimisation import Optimisation
 
 CPU = torch.device("cpu")
-ENCODER = {"encoder": "clip", "embedding_dim": 16}
+STORE_ATTRS = {"encoder": "clip", "embedding_dim": 16}
 GROUPS = [
     ["có một hình tròn màu đỏ ở bên trái", "một hình tròn màu đỏ", "hình tròn đỏ nằm bên trái"],
     ["có hai hình vuông màu xanh ở bên phải", "hai hình vuông màu xanh", "hình vuông xanh nằm bên phải"],
@@ -65,7 +65,7 @@ def lm_weights(model) -> dict[str, torch.Tensor]:
 def train(config, tmp_path: Path, epochs: int = 2):
     """A fresh model trained by the real loop; the optimisation and the LM's weights before training."""
     seed_everything(0)
-    model = build_model("viclipcap", config, [], None, ENCODER, CPU)
+    model = build_model("viclipcap", config, [], None, STORE_ATTRS, CPU)
     before = lm_weights(model)
     data = captions(model, tmp_path)
     settings = config.train.viclipcap
@@ -79,7 +79,7 @@ def save(model, config, directory: Path) -> Path:
     """The model directory as `viclip train` writes it."""
     directory.mkdir()
     model.save(directory)
-    write_json(directory / CONFIG, spec_for("viclipcap", config, model, ENCODER, {}).to_json())
+    write_json(directory / CONFIG, spec_for("viclipcap", config, model, STORE_ATTRS, {}).to_json())
     return directory
 
 
@@ -120,7 +120,7 @@ def test_a_trained_lm_is_saved_as_what_was_trained_and_reloads_to_the_same_capti
     assert spec.sections["lm"].train == mode and spec.fingerprints["lm"]["weights"].startswith("sha256:")
     ours, theirs = outputs(model, tmp_path), outputs(reloaded, tmp_path)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]) and ours[2] == theirs[2]
-    fresh = architecture("viclipcap").rebuild(directory, spec.sections, ENCODER, CPU)  # the base LM, untrained
+    fresh = architecture("viclipcap").rebuild(directory, spec.sections, STORE_ATTRS, CPU)  # the base LM, untrained
     fresh.mapper.load_state_dict(model.mapper.state_dict())
     assert not torch.equal(outputs(fresh, tmp_path)[1], ours[1])  # what the LM learned is in the captions
 
@@ -146,7 +146,7 @@ def test_a_frozen_lm_is_left_as_it_was_and_not_saved(base_lm, tmp_path):
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 def test_the_optimiser_gets_only_what_trains(base_lm, mode):
-    model = build_model("viclipcap", config_for(base_lm, mode), [], None, ENCODER, CPU)
+    model = build_model("viclipcap", config_for(base_lm, mode), [], None, STORE_ATTRS, CPU)
     optimised = {id(p) for group in Optimisation.build(model, config_for(base_lm, mode).train.viclipcap, 10, CPU)
                  .optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -163,7 +163,7 @@ def test_the_optimiser_gets_only_what_trains(base_lm, mode):
 def test_trained_lm_weights_are_refused_on_another_base_lm(base_lm, tmp_path, mode):
     local = shutil.copytree(base_lm, tmp_path / "lm")
     config = config_for(local, mode)
-    directory = save(build_model("viclipcap", config, [], None, ENCODER, CPU), config, tmp_path / "model")
+    directory = save(build_model("viclipcap", config, [], None, STORE_ATTRS, CPU), config, tmp_path / "model")
     # The same path now holds another revision: the same shape and tokenizer, other weights.
     other = AutoModelForCausalLM.from_pretrained(local)
     with torch.no_grad():

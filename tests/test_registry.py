@@ -42,11 +42,12 @@ def test_a_variant_is_one_registration_and_its_params_section():
         registry.MODELS["viclipcap_wide"] = registry.Model(
             "viclipcap_wide", "ViCLIPCap, wide", "viclipcap", "clip", ("clip", "lm", "mapper"))
 
-        from pipeline.core.config import ScstSettings, parse_config, yaml_parser
+        from typer.testing import CliRunner
+        from pipeline.cli import app
+        from pipeline.core.config import parse_config, yaml_parser
         from pipeline.core.errors import ViclipError
         from pipeline.evaluation.report import display_name
         from pipeline.workflow import stages
-        from pipeline.cli import train
         raw = yaml_parser().load(open("params.yaml", encoding="utf-8"))
         try:
             parse_config(raw)
@@ -63,6 +64,7 @@ def test_a_variant_is_one_registration_and_its_params_section():
             "stages": sorted(s for s in stages() if s.endswith("_wide")),
             "display": display_name("viclipcap_wide"),
             "sections": sorted(registry.model("viclipcap_wide").sections(config)),
+            "cli": CliRunner().invoke(app, ["train", "--model", "nope"]).output,
         }))
     """)
     seen = json.loads(out)
@@ -72,11 +74,19 @@ def test_a_variant_is_one_registration_and_its_params_section():
     assert seen["stages"] == ["score_viclipcap_wide", "train_viclipcap_wide"]
     assert seen["display"] == "ViCLIPCap, wide"
     assert seen["sections"] == ["clip", "lm", "mapper"]
+    assert seen["cli"].startswith("error: --model must be one of ") and "viclipcap_published, viclipcap_wide," in seen["cli"]
 
 
 def test_scst_starts_only_from_a_cross_entropy_model_of_its_architecture_and_store():
     assert registry.starting_points("viclipcap_scst") == ("viclipcap", "viclipcap_rag")  # not the baseline, not
     # viclipcap_published, whose store (clip_published) is not SCST's
+
+
+def test_every_model_is_built_from_its_stores_section():
+    """What reloading relies on: the model directory holds the settings its encoder is loaded with."""
+    config = load_config(ROOT / "params.yaml")
+    for model in registry.MODELS.values():
+        assert model.store in registry.STORES and model.store in model.sections(config), model.name
 
 
 def test_each_model_reads_its_own_sections_and_nothing_rewrites_the_params():
@@ -111,3 +121,18 @@ def test_a_model_directory_from_before_is_refused_in_one_line(tmp_path):
     message = str(refused.value)
     assert message == (f"{tmp_path / 'config.json'}: written by an older viclip (viclip-model/1), which this one "
                        "does not read; train it again: viclip train --model viclipcap")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "lstm"}, "unknown model 'lstm'; one of cnn_lstm, viclipcap,"),
+    ({"store": "clip"}, "key 'store': viclipcap_published reads store 'clip_published', not 'clip'"),
+    ({"sections": {"lm": {}}}, "missing key 'sections.lm.name'"),
+    ({"sections": {}}, "missing key 'sections.clip_published'"),
+    ({"fingerprints": {"lm": {}}}, "missing key 'fingerprints.store'"),
+])
+def test_a_model_directory_that_lacks_what_the_model_is_is_refused_naming_the_key(demo, tmp_path, change, message):
+    raw = json.loads((demo / "artifacts/models/viclipcap_published/config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, **change}))
+    with pytest.raises(ViclipError) as refused:
+        read_spec(tmp_path)
+    assert str(refused.value).startswith(str(tmp_path / 'config.json')) and message in str(refused.value), refused.value

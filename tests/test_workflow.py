@@ -1,4 +1,4 @@
-"""dvc.yaml is written from the registries (`viclip workflow`): current, short, one branch per model."""
+"""dvc.yaml is written from the registry (`viclip workflow`): current, short, one branch per model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pipeline.workflow import render
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dvc_yaml_is_what_the_registries_write():
+def test_dvc_yaml_is_what_the_registry_writes():
     assert (ROOT / "dvc.yaml").read_text(encoding="utf-8") == render(), "run `viclip workflow`"
     assert len(render().splitlines()) <= 150
 
@@ -33,7 +33,7 @@ def test_the_cli_writes_it_and_checks_it(tmp_path):
     path = tmp_path / "dvc.yaml"
     stale = CliRunner().invoke(app, ["workflow", "--check", "--path", str(path)])
     assert stale.exit_code == 1 and stale.output.strip() == (
-        f"error: {path} is not what `viclip workflow` writes from the registries; run it")
+        f"error: {path} is not what `viclip workflow` writes from the registry; run it")
     written = CliRunner().invoke(app, ["workflow", "--path", str(path)])
     assert written.exit_code == 0, written.output
     assert path.read_text(encoding="utf-8") == render()

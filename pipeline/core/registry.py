@@ -1,9 +1,9 @@
 """The feature stores and the models, by name: the one list of each.
 
 Everything that lists models or stores reads it: the CLI's choices, params.yaml's store sections and per-model
-training sections (`config`), `start_from`'s choices, the report's names and order, the demo, the benchmarks
-and dvc.yaml (`pipeline.workflow`). It imports neither torch nor pydantic, so the CLI checks a name without
-loading either; the code behind a name is found by it: an encoder family's in `pipeline.encoders`, a model
+training sections (`config`), `start_from`'s choices, the report's names and order, the demo's stores, the
+benchmarks and dvc.yaml (`pipeline.workflow`). It imports neither torch nor pydantic, so that reading it costs
+nothing; the code behind a name is found by it: an encoder family's in `pipeline.encoders`, a model
 architecture's in `pipeline.models`.
 
 Words: an *encoder* is a frozen network family (clip, cnn); a *store* is a named feature store, what one
@@ -42,14 +42,14 @@ class Model:
     store: str  # the feature store it trains and decodes on
     reads: tuple[str, ...]  # the params sections that define it, besides data and train: its DVC params
     objective: Literal["cross_entropy", "scst"] = "cross_entropy"  # scst: from train.<name>.start_from's weights
-    # The sections its model directory records, as its architecture reads them; None: `reads` as they are.
-    view: Callable[[Any], Sections] | None = None
+    # Its sections where they are not `reads` as they are: the params sections it reads -> those it is built from.
+    own_sections: Callable[[Any], Sections] | None = None
 
     def sections(self, config: Any) -> Sections:
         """What defines the model under `config`: the sections its architecture is built from."""
         if self.objective == "scst":  # SCST changes the weights, not the model: it is the model it starts from
             return model(getattr(config.train, self.name).start_from).sections(config)
-        return self.view(config) if self.view else {name: getattr(config, name) for name in self.reads}
+        return self.own_sections(config) if self.own_sections else {name: getattr(config, name) for name in self.reads}
 
 
 def _published(config: Any) -> Sections:
@@ -77,7 +77,7 @@ MODELS: dict[str, Model] = {entry.name: entry for entry in (
     Model("viclipcap_scst", "ViCLIPCap + SCST", "viclipcap", "clip", (), objective="scst"),
     # The published ViCLIPCap run: its CLIP, its MLP mapper, the LM trained with it.
     Model("viclipcap_published", "ViCLIPCap, published setting", "viclipcap", "clip_published",
-          ("clip_published", "lm", "viclipcap_published"), view=_published),
+          ("clip_published", "lm", "viclipcap_published"), own_sections=_published),
 )}
 
 DEFAULT_MODEL = "viclipcap"  # what a command runs when no --model is given

@@ -119,7 +119,7 @@ class SplitChunks:
                 ) from None
 
     def discard(self) -> None:
-        """Remove the split's work folder, and the folders above it (.chunks/<encoder>, .chunks) once empty."""
+        """Remove the split's work folder, and the folders above it (.chunks/<store>, .chunks) once empty."""
         shutil.rmtree(self.folder, ignore_errors=True)
         for parent in self.folder.parents[:2]:
             try:

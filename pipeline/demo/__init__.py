@@ -38,14 +38,16 @@ PROJECT = Path(__file__).resolve().parents[2]
 CODE = ("pipeline", "stages")
 
 # What the demo changes in the project's params.yaml: tiny models, demo-sized training.
-OVERRIDES: dict[str, dict[str, Any]] = {
-    "data": {"root": "data/ktvic"},
+# Each encoder family's tiny stand-in. The demo has one tiny CLIP, so every CLIP store (the published run's
+# ViT-B/16 too) holds the same features.
+TINY_ENCODERS: dict[str, dict[str, Any]] = {
     "clip": {"model": TINY_CLIP, "pretrained": f"models/clip/{TINY_CLIP}.safetensors",
              "config": f"models/clip/{TINY_CLIP}.json"},
-    # The published run's own CLIP is a ViT-B/16; the demo has one tiny CLIP, so its store holds the same features.
-    "clip_published": {"model": TINY_CLIP, "pretrained": f"models/clip/{TINY_CLIP}.safetensors",
-                       "config": f"models/clip/{TINY_CLIP}.json"},
     "cnn": {"model": TINY_CNN, "weights": f"models/cnn/{TINY_CNN}.safetensors", "image_size": 96, "grid": 3},
+}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "data": {"root": "data/ktvic"},
+    **{name: TINY_ENCODERS[store.encoder] for name, store in registry.STORES.items()},
     "lm": {"name": "models/lm"},
     "mapper": {"prefix_length": 4, "clip_length": 4, "num_layers": 2, "num_heads": 2},
     "lstm": {"min_count": 2, "embed_dim": 64, "attention_dim": 64, "hidden_dim": 128, "dropout": 0.3},

@@ -29,7 +29,7 @@ class ImageEncoder(Protocol):
 
 @dataclass(frozen=True)
 class EncoderFamily:
-    """One encoder: the store attributes it writes, and how to load it, each from its params section."""
+    """One encoder family: the store attributes it writes, and how to load it, each from a store's params section."""
 
     attrs: Callable[[Any], dict[str, Any]]
     load: Callable[[Any, torch.device], ImageEncoder]

@@ -192,9 +192,9 @@ def _protocol_section(name: str, runs: Mapping[str, Mapping[str, Any]], reported
     ]
 
 
-def _config_field(config: Mapping[str, Any], key: str, model: str) -> Any:
+def _config_field(config: Mapping[str, Any], key: str, model: str, within: str = "") -> Any:
     if key not in config:
-        raise ViclipError(f"comparison: {model} model config.json has no {key!r}")
+        raise ViclipError(f"comparison: {model} model config.json has no {within + key!r}")
     return config[key]
 
 
@@ -217,18 +217,18 @@ def _setup(sections: Mapping[str, Any], training: Mapping[str, Any]) -> str:
 def _model_row(model: str, config: Mapping[str, Any], scores: Mapping[str, Any]) -> str:
     """One model's row, from its config.json (`pipeline.models.ModelSpec.to_json`)."""
     sections, training = _config_field(config, "sections", model), _config_field(config, "training", model)
-    store = _config_field(config, "fingerprints", model)["store"]
+    store = _config_field(_config_field(config, "fingerprints", model), "store", model, "fingerprints.")
     unfinished = scores.get("unfinished")
     cells = [
         display_name(model),
         f"{str(store.get('encoder', '?')).upper()} {store.get('model', '?')}",
         _lm(sections),
         _setup(sections, training),
-        f"{_config_field(training, 'trainable_parameters', model):,}",
-        f"{_config_field(training, 'train_seconds', model):.1f}",
-        str(_config_field(training, "best_epoch", model)),
-        str(_config_field(training, "device", model)),
-        str(_config_field(training, "precision", model)),
+        f"{_config_field(training, 'trainable_parameters', model, 'training.'):,}",
+        f"{_config_field(training, 'train_seconds', model, 'training.'):.1f}",
+        str(_config_field(training, "best_epoch", model, "training.")),
+        str(_config_field(training, "device", model, "training.")),
+        str(_config_field(training, "precision", model, "training.")),
         "not recorded" if unfinished is None else f"{unfinished} of {scores['images']}",  # recorded since lm.stop
     ]
     return "| " + " | ".join(cells) + " |"

@@ -90,10 +90,19 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
                               f"train it again: viclip train --model {raw.get('model')}")
         if raw.get("format") != FORMAT:
             raise ViclipError(f"{path}: not a viclip model config (format {raw.get('format')!r})")
-        name = registry.model(raw["model"]).name
+        if raw.get("model") not in registry.MODELS:
+            raise ViclipError(f"{path}: unknown model {raw.get('model')!r}; one of {', '.join(registry.MODELS)}")
+        entry = registry.MODELS[raw["model"]]
+        if raw.get("store") != entry.store:
+            raise ViclipError(f"{path}: key 'store': {raw['model']} reads store {entry.store!r}, not {raw.get('store')!r}")
         # A section from an older viclip (before lm.stop, say) names the key it lacks.
         sections = {key: parse_section(key, value, f"{path} (train again?)") for key, value in raw["sections"].items()}
-        return ModelSpec(name, raw["store"], sections, dict(raw["fingerprints"]), dict(raw["training"]))
+        for key in (entry.store, *REGISTRY[entry.architecture].required):
+            if key not in sections:
+                raise ViclipError(f"{path}: missing key 'sections.{key}'")
+        if "store" not in raw["fingerprints"]:
+            raise ViclipError(f"{path}: missing key 'fingerprints.store'")
+        return ModelSpec(entry.name, entry.store, sections, dict(raw["fingerprints"]), dict(raw["training"]))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ViclipError(f"{path}: malformed model config ({str(error).splitlines()[0]})") from None
 

@@ -70,6 +70,7 @@ class Architecture:
     directory (its weights are then `restore`d); each from the params sections that define the model
     (`registry.Model.sections`) and the attributes of the store it reads."""
 
+    required: tuple[str, ...]  # the sections it cannot be built without, besides its store's
     # From the training split (its records and its feature store) as well.
     build: Callable[[Sections, Sequence[ImageRecord], FeatureStore | None, dict[str, Any], torch.device], CaptionModel]
     rebuild: Callable[[Path, Sections, dict[str, Any], torch.device], CaptionModel]

@@ -189,4 +189,4 @@ def rebuild(model_dir: Path, sections: Sections, attrs: dict[str, Any], device: 
     return ShowAttendTell(Vocabulary.load(model_dir / VOCAB), attrs["embedding_dim"], sections["lstm"]).to(device)
 
 
-register("cnn_lstm", Architecture(build, rebuild))
+register("cnn_lstm", Architecture(("lstm",), build, rebuild))

@@ -192,4 +192,4 @@ def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval 
     return Captioner(build_mapper(mapper, attrs["embedding_dim"], lm.width).to(device), lm, retrieval)
 
 
-register("viclipcap", Architecture(build, rebuild))
+register("viclipcap", Architecture(("lm", "mapper"), build, rebuild))
