@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import chdir
 from pathlib import Path
 
@@ -63,22 +64,28 @@ def shared(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="session")
-def tiny(shared) -> Path:
-    """The demo's data and tiny models, built by the first worker that needs them; the others wait for them."""
-    workdir, failed = shared / "tiny", shared / "tiny.failed"
-    with FileLock(shared / "tiny.lock"):
+def built_once(shared: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `shared/name`, built by `build` in the first worker that needs it; the others wait for it,
+    and a failed build fails each of them with its reason."""
+    workdir, failed = shared / name, shared / f"{name}.failed"
+    with FileLock(shared / f"{name}.lock"):
         if failed.is_file():
             pytest.fail(failed.read_text(), pytrace=False)
-        if not (workdir / "tiny.done").is_file():
+        if not (workdir / f"{name}.done").is_file():
             shutil.rmtree(workdir, ignore_errors=True)
             try:
-                prepare(workdir)
+                build(workdir)
             except Exception as error:
-                failed.write_text(f"building the tiny models failed: {error!r}")
+                failed.write_text(f"building {name} failed: {error!r}")
                 raise
-            (workdir / "tiny.done").touch()
+            (workdir / f"{name}.done").touch()
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny(shared) -> Path:
+    """The demo's data and tiny models."""
+    return built_once(shared, "tiny", prepare)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -139,9 +146,8 @@ def tiny_config(tiny) -> Config:
         yield load_config("params.yaml")
 
 
-@pytest.fixture
-def project(tiny, tmp_path, monkeypatch) -> Path:
-    """A small project (12 train, 4 test images) using the demo's tiny models, in the working directory."""
+def make_project(tiny: Path, folder: Path) -> Path:
+    """A small project (12 train, 4 test images) in `folder`, using the demo's tiny models, one epoch a model."""
     params = load_config(tiny / "params.yaml").model_dump()
     for section, key in (("clip", "pretrained"), ("clip", "config"), ("clip_published", "pretrained"),
                          ("clip_published", "config"), ("cnn", "weights"), ("lm", "name")):
@@ -149,7 +155,13 @@ def project(tiny, tmp_path, monkeypatch) -> Path:
     params["data"]["root"] = "ktvic"
     for model in MODELS:
         params["train"][model]["epochs"] = 1
-    make_dataset(tmp_path / "ktvic", 12, 4)
-    (tmp_path / "params.yaml").write_text(dump_config(params))
-    monkeypatch.chdir(tmp_path)
+    make_dataset(folder / "ktvic", 12, 4)
+    (folder / "params.yaml").write_text(dump_config(params))
+    return folder
+
+
+@pytest.fixture
+def project(tiny, tmp_path, monkeypatch) -> Path:
+    """`make_project` in the test's folder, which is the working directory."""
+    monkeypatch.chdir(make_project(tiny, tmp_path))
     return tmp_path

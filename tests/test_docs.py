@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.config import parse_config, yaml_parser
+
 ROOT = Path(__file__).resolve().parents[1]
 # Spelled in pieces so that this file, once tracked, does not mention them itself.
 PRIVATE = ("FAC" + "TS.md", "../" + "shared")
@@ -60,3 +62,15 @@ def test_cited_docs_exist():
     assert "docs/conventions.md" in {doc for doc, _ in cited}
     missing = sorted(f"{name} cites {doc}" for doc, name in cited if not (ROOT / doc).is_file())
     assert not missing, "cited documents missing:\n" + "\n".join(missing)
+
+
+def test_the_readmes_params_examples_are_valid_params():
+    """Each ```yaml block of the README, merged section by section into the project's params.yaml, parses."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    assert len(blocks) >= 2  # Qwen2.5-0.5B and bloomz-560m, at least
+    base = yaml_parser().load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for block in blocks:
+        example = yaml_parser().load(block)
+        parsed = parse_config({**base, **{name: {**base[name], **section} for name, section in example.items()}})
+        for name, section in example.items():
+            assert getattr(parsed, name).model_dump().items() >= section.items(), name

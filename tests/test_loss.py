@@ -28,7 +28,7 @@ def tiny_captioner() -> Captioner:
     with torch.no_grad():
         model.transformer.ln_f.weight.fill_(20.0)  # logits of standard deviation about 2, not 0.1
     model.requires_grad_(False).eval()
-    lm = LanguageModel("tiny", model, tokenizer=None, stop_text=None, stop_id=0, banned_ids=())
+    lm = LanguageModel("tiny", model, tokenizer=None, stop_text=None, stop_id=0, banned_ids=(), max_positions=64)
     mapper = build_mapper(MapperConfig(type="transformer", prefix_length=4, clip_length=3, num_layers=1, num_heads=2),
                           EMBEDDING, WIDTH)
     return Captioner(mapper, lm)

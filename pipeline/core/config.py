@@ -46,13 +46,16 @@ LmTrain = Literal["frozen", "lora", "full"]  # lm.train
 
 
 class LoraSettings(_Section):
-    """Low-rank adapters (LoRA, Hu et al. 2021) on the LM's attention, for lm.train: lora. The targets are
-    not a setting: GPT-2's one attention projection, `c_attn` (query, key and value in one matrix), where
-    the LoRA paper found adapting the attention enough."""
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the LM's attention, for lm.train: lora, where the LoRA
+    paper found adapting the attention enough."""
 
     rank: int = Field(gt=0)  # r: the rank of each adapter's update B @ A
     alpha: int = Field(gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(ge=0, lt=1)  # on the adapters' input, while training
+    # The layers adapted, by name (peft's `target_modules`); null: the LM family's attention projections
+    # (GPT-2's c_attn, Llama's and Qwen2's q_proj and v_proj, BLOOM's query_key_value, MPT's Wqkv).
+    # Optional, as it came after model directories that lack it.
+    targets: list[str] | None = Field(default=None, min_length=1)
 
 
 class LmConfig(_Section):
@@ -64,6 +67,9 @@ class LmConfig(_Section):
     # (full). A lora or full model directory holds what was trained and loads only onto the same base LM.
     train: LmTrain
     lora: LoraSettings  # read for train: lora only, but always required, like every key
+    # The LM's context length, for an LM whose config states none (ALiBi positions: BLOOM), or to use less
+    # of it; null: what its config says. Optional, as it came after params files that lack it.
+    max_positions: int | None = Field(default=None, gt=0)
 
 
 class MapperConfig(_Section):
@@ -92,7 +98,7 @@ class ExtractConfig(_Section):
     # written, so a killed run resumes from its finished chunks, and torchrun's processes share whole chunks.
     chunk_batches: int = Field(gt=0)
     skip_bad_images: bool  # skip unreadable images (recorded in the store) instead of stopping
-    out: str  # feature stores go to OUT/<encoder>/<split>.h5, unfinished chunks to OUT/.chunks/
+    out: str  # feature stores go to OUT/<store>/<split>.h5, unfinished chunks to OUT/.chunks/
 
 
 class TrainSettings(_Section):

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer, Tokenizer, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
+from transformers import (
+    AutoModelForCausalLM, BloomConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, MptConfig, PretrainedConfig,
+    PreTrainedTokenizerFast, Qwen2Config,
+)
 
 from pipeline.encoders.images import open_rgb
 
@@ -104,11 +108,66 @@ def news_documents(caption_groups: list[list[str]], seed: int = 0, per_document:
     return documents
 
 
+def sentencepiece_tokenizer(texts: list[str], vocab_size: int = 400, split_punctuation: bool = True
+                            ) -> PreTrainedTokenizerFast:
+    """A Llama-style tokenizer: sentencepiece BPE (words start with "▁") with byte fallback, `<unk> <s> </s>` first, and `<s>` put
+    before every text (add_bos_token). Punctuation is a piece of its own, as sentencepiece's default
+    split_by_unicode_script makes it; without `split_punctuation`, "." may merge into the syllable before it,
+    as in tokenizers trained otherwise."""
+    bpe = SentencePieceBPETokenizer()
+    if split_punctuation:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([bpe.pre_tokenizer, pre_tokenizers.Punctuation("isolated")])
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<unk>", "<s>", "</s>"],
+                            show_progress=False)
+    # Byte fallback, as Llama's: a character the vocabulary lacks becomes its UTF-8 bytes, <0xE1> <0xBB> ...,
+    # rather than <unk>, and decodes back to itself.
+    spec = json.loads(bpe._tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": [  # Llama's decoder
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def chat_tokenizer(texts: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A Qwen2-style tokenizer: byte-level BPE with its special tokens after the vocabulary, and a chat
+    model's end of turn as eos_token (the end of text is <|endoftext|>)."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                  "additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def family_config(family: str, rows: int, width: int, layers: int, block: int, eos: int, bos: int | None) -> PretrainedConfig:
+    """A tiny config of each LM family viclip decodes with, each with its way of saying its context length."""
+    shared = {"vocab_size": rows, "bos_token_id": bos, "eos_token_id": eos}
+    if family == "llama":
+        return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2,
+                           num_key_value_heads=1, max_position_embeddings=block, **shared)
+    if family == "qwen2":
+        return Qwen2Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2,
+                           num_key_value_heads=1, max_position_embeddings=block, tie_word_embeddings=True, **shared)
+    if family == "bloom":  # ALiBi: no position limit in its config
+        return BloomConfig(hidden_size=width, n_layer=layers, n_head=2, **shared)
+    if family == "mpt":  # max_seq_len, not max_position_embeddings
+        return MptConfig(d_model=width, n_layers=layers, n_heads=2, max_seq_len=block, expansion_ratio=2, **shared)
+    return GPT2Config(n_positions=block, n_embd=width, n_layer=layers, n_head=2, **shared)
+
+
 def make_tiny_lm(
     caption_groups: list[list[str]], directory: str | Path, convention: str = "gpt2news",
-    steps: int = 300, seed: int = 0, width: int = 64, layers: int = 2, block: int = 128,
+    steps: int = 300, seed: int = 0, width: int = 64, layers: int = 2, block: int = 128, family: str = "gpt2",
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """A small GPT-2 pre-trained the way real news LMs are, saved with `save_pretrained`.
+    """A small causal LM of `family` (GPT-2, Llama, Qwen2, BLOOM or MPT, each with its tokenizer's conventions)
+    pre-trained the way real news LMs are, saved with `save_pretrained` in `dtype`.
 
     The standard causal-LM recipe: documents of running text (`news_documents`) tokenised,
     concatenated into one stream with nothing between them and cut into blocks, every
@@ -124,14 +183,15 @@ def make_tiny_lm(
     directory = Path(directory)
     torch.manual_seed(seed)
     documents = news_documents(caption_groups, seed)
-    tokenizer = train_tokenizer(documents, convention)
+    tokenizer = {"llama": sentencepiece_tokenizer, "qwen2": chat_tokenizer}.get(
+        family, lambda texts: train_tokenizer(texts, convention))(documents)
     ids = torch.tensor([i for doc in tokenizer(documents, add_special_tokens=False)["input_ids"] for i in doc])
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    config = GPT2Config(
-        vocab_size=-(-len(tokenizer) // 64) * 64, n_positions=block, n_embd=width, n_layer=layers, n_head=2,
-        bos_token_id=eos, eos_token_id=eos,
-    )
-    model = GPT2LMHeadModel(config)
+    # Qwen2's embedding matrix runs well past its tokenizer; the others' to the next multiple of 64.
+    rows = -(-len(tokenizer) // 64) * 64 + (64 if family == "qwen2" else 0)
+    bos = tokenizer.bos_token_id if family == "llama" else eos if family == "gpt2" else None
+    config = family_config(family, rows, width, layers, block, eos, bos)
+    model = GPT2LMHeadModel(config) if family == "gpt2" else AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     window = min(block, len(ids) - 1)  # a test's few sentences may be shorter than one block
@@ -142,6 +202,6 @@ def make_tiny_lm(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.save_pretrained(directory)
+    model.to(dtype).save_pretrained(directory)  # a half-precision checkpoint, where `dtype` says
     tokenizer.save_pretrained(directory)
     return directory

@@ -53,7 +53,8 @@ class Captioner(CaptionModel):
         self.stop_id = lm.stop_id
         self.banned_ids = lm.banned_ids
         self.max_prompt = 0 if retrieval is None else self._longest_prompt(retrieval)
-        self.max_tokens = lm.model.config.max_position_embeddings - mapper.prefix_length - self.max_prompt
+        leading = lm.bos_id is not None  # the beginning-of-sequence token before the prefix
+        self.max_tokens = lm.max_positions - leading - mapper.prefix_length - self.max_prompt
 
     def record(self) -> dict[str, Any]:
         record = {"lm": self.lm.fingerprint()}
@@ -69,8 +70,13 @@ class Captioner(CaptionModel):
         return self.lm.decode(tokens)
 
     def prefix(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, D) image embeddings -> (B, k, W) prefix embeddings."""
-        return self.mapper(embeddings)
+        """(B, D) image embeddings -> (B, k, W) prefix embeddings; after the tokenizer's beginning-of-sequence
+        token where it puts one before every text (Llama's <s>): the LM never read anything without it."""
+        prefix = self.mapper(embeddings)
+        if self.lm.bos_id is None:
+            return prefix
+        bos = self.lm.model.get_input_embeddings()(torch.tensor([self.lm.bos_id], device=prefix.device))
+        return torch.cat([bos.to(prefix.dtype).expand(len(prefix), 1, -1), prefix], dim=1)
 
     def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
         return self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -84,7 +90,7 @@ class Captioner(CaptionModel):
         """What the LM reads before the caption: (B, P, W) embeddings, and where some rows are shorter, a (B, P)
         mask of real positions (None: all real). Without retrieval that is the prefix; with it, the prefix then
         the image's prompt, left-padded so that every row's caption starts at position P."""
-        prefix = self.prefix(embeddings)  # (B, k, W)
+        prefix = self.prefix(embeddings)  # (B, k, W), or (B, 1 + k, W) after a beginning-of-sequence token
         if self.retrieval is None:
             return prefix, None
         prompts = self._prompt_ids(self.retrieval.texts(embeddings))
@@ -119,7 +125,7 @@ class Captioner(CaptionModel):
         where = {"attention_mask": attention, "position_ids": None if real is None else _positions(attention)}
         head = self.lm.model.get_output_embeddings()
         # Only positions P-1 .. P+T-2 predict caption tokens: skip the LM head elsewhere.
-        if not any(p.requires_grad for p in head.parameters()):
+        if self.lm.plain_head and not any(p.requires_grad for p in head.parameters()):
             hidden = self.lm.model.base_model(inputs_embeds=inputs, **where).last_hidden_state
             return frozen_head_cross_entropy(hidden[:, context.shape[1] - 1 : -1][mask], head, tokens[mask],
                                              weights=None if weights is None else weights[:, None].expand_as(mask)[mask])
@@ -135,10 +141,13 @@ class Captioner(CaptionModel):
         lm = self.lm.model
         keyword = cache_keyword(lm)
         context, real = self.context(embeddings)
+        # The last position's logits alone: the others would be (B, P, V), 2.4 GB for BLOOM's vocabulary at
+        # batch 64 and prefix 40.
         if real is None:
-            out = lm(inputs_embeds=context, use_cache=True)
+            out = lm(inputs_embeds=context, use_cache=True, logits_to_keep=1)
         else:
-            out = lm(inputs_embeds=context, attention_mask=real.long(), position_ids=_positions(real), use_cache=True)
+            out = lm(inputs_embeds=context, attention_mask=real.long(), position_ids=_positions(real), use_cache=True,
+                     logits_to_keep=1)
             attention = real.long().repeat_interleave(beams, dim=0)  # (N * beams, P), then one column a step
         cache = out[keyword]
         cache.batch_repeat_interleave(beams)
@@ -177,7 +186,9 @@ def build(sections: Sections, records: Sequence[ImageRecord], store: FeatureStor
     retrieval = None
     if sections.get("retrieval") is not None:
         retrieval = Retrieval(Datastore.build(store, records, device), sections["retrieval"])
-    return _assemble(sections["lm"], sections["mapper"], retrieval, attrs, device)
+    captioner = _assemble(sections["lm"], sections["mapper"], retrieval, attrs, device)
+    captioner.lm.check_stop([c for record in records for c in record.captions])
+    return captioner
 
 
 def rebuild(model_dir: Path, sections: Sections, attrs: dict[str, Any], device: torch.device) -> Captioner:
@@ -188,7 +199,8 @@ def rebuild(model_dir: Path, sections: Sections, attrs: dict[str, Any], device: 
 
 def _assemble(lm_settings: LmConfig, mapper: MapperConfig, retrieval: Retrieval | None, attrs: dict[str, Any],
               device: torch.device) -> Captioner:
-    lm = load_lm(lm_settings.name, lm_settings.stop, device, lm_settings.train, lm_settings.lora)
+    lm = load_lm(lm_settings.name, lm_settings.stop, device, lm_settings.train, lm_settings.lora,
+                 lm_settings.max_positions)
     return Captioner(build_mapper(mapper, attrs["embedding_dim"], lm.width).to(device), lm, retrieval)
 
 

@@ -1,6 +1,10 @@
-"""The Vietnamese GPT-2 and its tokenizer, whichever convention the checkpoint follows; frozen, or trained.
+"""The LM and its tokenizer, frozen or trained: any causal LM of the GPT-2, Llama, Qwen2, BLOOM or MPT family
+that `AutoModelForCausalLM` loads, through one code path. What differs between families is read from the
+checkpoint: the context length (whatever its config calls it; BLOOM's ALiBi states none, so lm.max_positions
+does), a beginning-of-sequence token the tokenizer puts first (Llama's <s>), the attention projections LoRA
+adapts (peft's per-family defaults), and whether the logits are the plain head on the last hidden state.
 
-Two conventions are in circulation (docs/conventions.md, "Vietnamese GPT-2 tokenizers"):
+Vietnamese GPT-2s follow two conventions (docs/conventions.md, "Vietnamese GPT-2 tokenizers"):
 gpt2news-style (`<s> <pad> </s>`, pad is not id 0, tokenizer.json only) and NlpHUST-style
 (`<|endoftext|>` only, no pad token). Padding never reaches the loss (labels -100), so a missing pad
 token costs nothing.
@@ -27,26 +31,37 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import NewGELUActivation
+from transformers.pytorch_utils import Conv1D
 
 from pipeline.core.config import LmTrain, LoraSettings
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import json_digest
 from pipeline.models.base import load_weights, save_weights
 
+# The vocabulary's own end of a document, first: what a base LM (Qwen2.5's too) saw between pre-training
+# documents. A chat tokenizer's end of turn (Qwen's <|im_end|>, its eos_token) ends replies, not text.
 END_OF_TEXT_CANDIDATES = ("</s>", "<|endoftext|>")
-# Any caption's last syllable: what the stop text follows when the tokenizer meets it.
+# A caption's last syllable: what the stop text follows when the tokenizer meets it; the training captions
+# then confirm it (`LanguageModel.check_stop`).
 CAPTION_END = "một"
+# Stop texts suggested where lm.stop does not end the training captions as one token.
+STOP_CANDIDATES = (".", " .", "\n")
 # What makes an LM the one a mapper was trained against; not how it was saved (dtype, library
 # version), nor defaults that another transformers version may fill in differently.
 ARCHITECTURE = ("model_type", "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
                 "num_attention_heads", "tie_word_embeddings")
-# LoRA's targets: GPT-2's attention projection, query, key and value in one matrix (LoraSettings says why).
-LORA_TARGETS = ["c_attn"]
+# What an LM's config calls its context length, by family: GPT-2 aliases n_positions, MPT says max_seq_len;
+# BLOOM (ALiBi) has none.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+# Config keys that change the logits from `head(last hidden state)`: scaled or soft-capped (Gemma 2 and 3,
+# Cohere, Granite). The frozen-head loss computes that product itself, so such an LM runs its own head.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 # What a trained LM adds to the model directory, by lm.train.
 TRAINED_WEIGHTS = {"full": "lm.safetensors", "lora": "lm_lora.safetensors"}
 
@@ -59,6 +74,9 @@ class LanguageModel:
     stop_text: str | None  # lm.stop: the text that ends a caption; None: the end-of-text token
     stop_id: int  # the one token that ends a caption
     banned_ids: tuple[int, ...]  # embedding rows that can never be a caption's token
+    max_positions: int  # the context: prefix, prompt and caption together
+    # The token the tokenizer puts before any text (Llama's <s>), which the LM always saw first; None: none.
+    bos_id: int | None = None
     train: LmTrain = "frozen"  # lm.train
     # Digest of the weights as loaded, before any training: what trained LM weights sit on. None when frozen.
     base_weights: str | None = None
@@ -69,6 +87,11 @@ class LanguageModel:
     @property
     def width(self) -> int:
         return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def plain_head(self) -> bool:
+        """Whether the logits are the output head applied to the last hidden state, and nothing else."""
+        return not any(getattr(self.model.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS)
 
     @property
     def vocab_size(self) -> int:
@@ -89,6 +112,24 @@ class LanguageModel:
                 )
         return encoded
 
+    def check_stop(self, captions: list[str]) -> None:
+        """Refuse, in one line, a stop text that the tokenizer does not write as the stop token after every
+        training caption (one that merges "." into some syllables): the frozen LM would never emit it there,
+        and those captions would never stop. The line names a stop text that would work, if one does."""
+        if self.stop_text is None or not captions:
+            return
+        ends = _ending_ids(self.tokenizer, captions, self.stop_text)
+        if ends == {self.stop_id}:
+            return
+        working = next((text for text in STOP_CANDIDATES if text != self.stop_text
+                        and len(ids := _ending_ids(self.tokenizer, captions, text)) == 1
+                        and None not in ids and min(ids) < self.vocab_size), None)
+        merged = "joins it to the syllable before in some" if None in ends else f"ends them with {len(ends)} tokens"
+        suggestion = f"lm.stop {working!r} ends every one as one token" if working else \
+            f"none of {', '.join(map(repr, STOP_CANDIDATES))} ends every one as one token; try lm.stop: null"
+        raise ViclipError(f"lm.stop {self.stop_text!r}: the tokenizer of {self.name} {merged} of the training "
+                          f"captions, not as token {self.stop_id}; {suggestion}")
+
     def decode(self, tokens: list[int]) -> str:
         if self.stop_id in tokens:
             tokens = tokens[: tokens.index(self.stop_id)]
@@ -105,6 +146,8 @@ class LanguageModel:
             "width": self.width,
             "stop": self.stop_text,
             "stop_id": self.stop_id,
+            # Absent where there is none: as directories written before it was recorded.
+            **({"bos_id": self.bos_id} if self.bos_id is not None else {}),
             # A trained LM's weights are a change to these ones (absent when frozen: as older directories).
             **({"weights": self.base_weights} if self.base_weights is not None else {}),
         }
@@ -145,11 +188,28 @@ def _load_adapters(adapters: PeftModel, path: str) -> None:
     set_peft_model_state_dict(adapters, state)  # a shape mismatch raises RuntimeError
 
 
-def add_adapters(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
+def lora_targets(name: str, model: PreTrainedModel, lora: LoraSettings) -> list[str]:
+    """lm.lora.targets, else peft's attention projections for the LM's family; refused in one line where
+    neither names a layer of this LM."""
+    targets = lora.targets or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
+    if not targets:
+        raise ViclipError(f"lm.name {name}: no LoRA targets known for model type {model.config.model_type!r}; "
+                          "set lm.lora.targets to the names of its attention projections")
+    layers = {module_name.rsplit(".", 1)[-1] for module_name, _ in model.named_modules()}
+    missing = sorted(set(targets) - layers)
+    if missing:
+        raise ViclipError(f"lm.lora.targets: {name} has no layer named {', '.join(missing)}")
+    return list(targets)
+
+
+def add_adapters(name: str, model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
     """LoRA adapters on `model`'s attention, in place; its own weights stay frozen, the adapters train."""
+    targets = lora_targets(name, model, lora)
+    adapted = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets]
     config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=LORA_TARGETS,
-        fan_in_fan_out=True,  # GPT-2's Conv1D stores its weight transposed, (in, out)
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        # transformers' Conv1D (GPT-2's) stores its weight transposed, (in, out); nn.Linear does not.
+        fan_in_fan_out=all(isinstance(m, Conv1D) for m in adapted),
     )
     with warnings.catch_warnings():  # peft 0.21 asks transformers 5 for a renamed attribute
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
@@ -166,6 +226,32 @@ def _end_of_text_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) 
     named = [vocab.get(name) for name in (*END_OF_TEXT_CANDIDATES, tokenizer.eos_token) if name]
     configured = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else None
     return next((i for i in (*named, configured) if i is not None and i < rows), None)
+
+
+def context_length(name: str, config: Any, max_positions: int | None) -> int:
+    """The positions the LM can read: what its config calls its context length, or lm.max_positions where it
+    calls it nothing (ALiBi) or a user wants less of it."""
+    stated = next((getattr(config, key) for key in CONTEXT_KEYS if isinstance(getattr(config, key, None), int)), None)
+    if stated is None and max_positions is None:
+        raise ViclipError(f"lm.name {name}: its config states no context length ({config.model_type} positions "
+                          "have no limit); set lm.max_positions to the length it was trained on")
+    return min(n for n in (stated, max_positions) if n is not None)
+
+
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token the tokenizer puts before every text (Llama's `<s>`, `add_bos_token`), or None."""
+    plain = tokenizer(CAPTION_END, add_special_tokens=False)["input_ids"]
+    full = tokenizer(CAPTION_END)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and full[:1] == [bos] and full[1:] == plain[: len(full) - 1] else None
+
+
+def _ending_ids(tokenizer: PreTrainedTokenizerBase, captions: list[str], stop: str) -> set[int | None]:
+    """The ids `stop` becomes after each caption; None for a caption after which it is not one token of its own."""
+    texts = [c.rstrip().removesuffix(stop).rstrip() for c in captions]
+    before = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    after = tokenizer([t + stop for t in texts], add_special_tokens=False)["input_ids"]
+    return {a[-1] if len(a) == len(b) + 1 and a[: len(b)] == b else None for a, b in zip(after, before)}
 
 
 def _stop_id(name: str, tokenizer: PreTrainedTokenizerBase, stop: str, rows: int) -> int:
@@ -205,6 +291,7 @@ def fuse_activations(model: nn.Module) -> nn.Module:
 
 def load_lm(
     name: str, stop: str | None, device: torch.device, train: LmTrain = "frozen", lora: LoraSettings | None = None,
+    max_positions: int | None = None,
 ) -> LanguageModel:
     """Load in fp32 whatever dtype the checkpoint was saved in, fuse its activations, and set it up for
     `train` (lm.train): frozen, no gradients; full, every weight trainable; lora, `lora`'s adapters
@@ -220,12 +307,12 @@ def load_lm(
             f"could not load the language model {name!r} ({str(error).splitlines()[0]}); "
             "download it elsewhere and set lm.name in params.yaml to its local directory"
         ) from None
-    return set_up_lm(name, model, tokenizer, stop, device, train, lora)
+    return set_up_lm(name, model, tokenizer, stop, device, train, lora, max_positions)
 
 
 def set_up_lm(
     name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stop: str | None, device: torch.device,
-    train: LmTrain = "frozen", lora: LoraSettings | None = None,
+    train: LmTrain = "frozen", lora: LoraSettings | None = None, max_positions: int | None = None,
 ) -> LanguageModel:
     """What `load_lm` makes of a loaded LM and its tokenizer (the benchmarks' random-weight LMs too):
     the stop token and the banned ones found, activations fused, set up for `train`, on `device`."""
@@ -236,9 +323,9 @@ def set_up_lm(
             raise ViclipError(f"lm.name {name}: the tokenizer has no end-of-text token; set lm.stop to a text such as \".\"")
     else:
         stop_id = _stop_id(name, tokenizer, stop, rows)
+    context = context_length(name, model.config, max_positions)
     base_weights = None if train == "frozen" else weights_digest(model)
     fuse_activations(model).requires_grad_(train == "full").eval().to(device)
-    adapters = add_adapters(model, lora) if train == "lora" else None
-    return LanguageModel(
-        name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id), train, base_weights, adapters,
-    )
+    adapters = add_adapters(name, model, lora) if train == "lora" else None
+    return LanguageModel(name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id), context,
+                         leading_bos(tokenizer), train, base_weights, adapters)
