@@ -17,6 +17,7 @@ from typing import get_args
 
 import torch
 
+from benchmarks import workload
 from benchmarks.suite import SCALING, VARIANTS, VariantSize
 from pipeline.core.devices import Precision, best_device, hardware, precision
 from pipeline.core.io import write_json
@@ -149,7 +150,7 @@ def serve(demo: Path) -> list[dict]:
             continue
         args = [str(demo)] if models == "demo" else []
         batched, single = (run_load(models, mode, *args) for mode in ("batched", "single"))
-        label = "demo models" if models == "demo" else "ViT-B-32 + GPT-2 small"
+        label = "demo models" if models == "demo" else f"ViT-B-32 + {os.environ[workload.BENCH_LM]}"
         for ours, theirs in zip(batched["levels"], single["levels"]):
             clients = f"{label}, {ours['concurrency']} clients"
             rows += [
@@ -215,7 +216,10 @@ def main() -> None:
     parser.add_argument("--precision", choices=get_args(Precision),
                         help="viclip's training precision (VICLIP_PRECISION in each case's process) instead of the "
                              "device's policy; the reference always trains in fp32, as ClipCap does.")
+    parser.add_argument("--lm", choices=list(workload.LMS), default=workload.lm_name(),
+                        help="The LM's shape, random weights at full size, in every case that runs an LM.")
     args = parser.parse_args()
+    os.environ[workload.BENCH_LM] = args.lm  # inherited by every case's process
     if args.precision:
         os.environ["VICLIP_PRECISION"] = args.precision  # inherited by every case's process
 
@@ -229,6 +233,7 @@ def main() -> None:
         "device": hardware(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "lm": args.lm,
         "precision": precision(device),  # viclip trains at the policy's (or --precision's); the reference at fp32
         "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
         "seconds": 0.0,

@@ -1,4 +1,5 @@
-"""`python -m benchmarks.case STAGE IMPL [SIZES]`: run one benchmark case in this process; print its JSON."""
+"""`python -m benchmarks.case STAGE IMPL [SIZES]`: run one benchmark case in this process; print its JSON.
+A size given as "-" is None: the case's default."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def run(stage: str, impl: str, *sizes: str) -> dict:
     """One case in this process: what its work measured (seconds, peak memory) and what the work processed
     (the case's own figures, some filled in by the work)."""
     device = best_device()
-    work, counts = CASES[stage](device, impl, *(int(n) for n in sizes))
+    work, counts = CASES[stage](device, impl, *(None if n == "-" else int(n) for n in sizes))
     return {**measure(work, device), **counts}
 
 

@@ -24,6 +24,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import reference, workload
@@ -138,7 +139,8 @@ def _matrix_flops(captioner, data: CaptionSet) -> float:
     forward (blocks on every position, the head on caption positions only) and its backward to the
     activations, about as much again, since the frozen weights get no gradient. The mapper is negligible."""
     lm = captioner.lm.model
-    blocks = sum(p.numel() for p in lm.transformer.h.parameters())
+    # The decoder blocks: the model's longest list of modules (GPT-2's transformer.h, Qwen2's model.layers).
+    blocks = sum(p.numel() for p in max((m for m in lm.modules() if isinstance(m, nn.ModuleList)), key=len).parameters())
     head = lm.get_output_embeddings().weight.numel()
     tokens = float(data.lengths.sum())
     positions = tokens + len(data) * captioner.mapper.prefix_length
@@ -270,17 +272,17 @@ VARIANTS = (registry.DEFAULT_MODEL, *(name for name, model in registry.MODELS.it
 
 @dataclass(frozen=True)
 class VariantSize:
-    """A variant case's size: KTVIC's at GPT-2 small's shape by default; a test runs a tiny one."""
+    """A variant case's size: KTVIC's, at the benchmarked LM's full shape by default; a test runs a tiny one."""
 
     steps: int = 3  # timed steps, after one of warm-up
     corpus: int = workload.TRAIN_IMAGES  # training images: the retrieval datastore and the CIDEr-D corpus
-    layers: int = 12  # the LM's blocks
-    width: int = 768  # the LM's width (and the mapper's output)
+    layers: int | None = None  # the LM's blocks; None: its shape's
+    width: int | None = None  # the LM's width (and the mapper's output); None: its shape's
     batch: int | None = None  # captions a cross-entropy step, images an SCST step; None: train.<model>.batch_size
 
     def args(self) -> list[str]:
-        """The case's arguments (`python -m benchmarks.case variant MODEL ARGS`)."""
-        return [str(n) for n in astuple(self) if n is not None]
+        """The case's arguments (`python -m benchmarks.case variant MODEL ARGS`), "-" for None."""
+        return ["-" if n is None else str(n) for n in astuple(self)]
 
 
 class Stopwatch:
@@ -313,11 +315,11 @@ class Stopwatch:
             torch.cuda.synchronize()
 
 
-def variant(device: torch.device, impl: str, steps: int, corpus_images: int, layers: int, width: int,
+def variant(device: torch.device, impl: str, steps: int, corpus_images: int, layers: int | None, width: int | None,
             batch: int | None = None) -> Case:
     """Training steps of ViCLIPCap's variant `impl` (one of VARIANTS): the sections that define its model
-    (mapper, retrieval, what of the LM trains) and its train settings, in front of a random-weight GPT-2 of `layers`
-    blocks `width` wide, on a synthetic training split of `corpus_images` images (the retrieval datastore, SCST's CIDEr-D
+    (mapper, retrieval, what of the LM trains) and its train settings, in front of the benchmarked LM with random
+    weights (`layers` blocks `width` wide where given), on a synthetic training split of `corpus_images` images (the retrieval datastore, SCST's CIDEr-D
     corpus). One warm-up step, then `steps` steps, each an epoch of its objective (what the trainer runs) on one batch. The
     work fills in each step's seconds (`seconds`: `step`, and SCST's `sample` and `reward`) and the size of
     the optimiser's state."""

@@ -2,8 +2,8 @@
 
 Weights don't change speed, so the models are the real architectures at full
 size, randomly initialised: open_clip's ViT-B-32, a GPT-2 of GPT-2-small shape
-(124M parameters, 50,257-token vocabulary) and the default mapper from
-params.yaml. Captions are token-id sequences as long as KTVIC's (15 to 25
+(124M parameters, 50,257-token vocabulary; or another LM, `LMS`) and the default
+mapper from params.yaml. Captions are token-id sequences as long as KTVIC's (15 to 25
 syllables, about 1.25 byte-level BPE tokens per Vietnamese syllable), five per
 image; images are JPEG files of KTVIC's typical size. Where text must be
 written or read (retrieval prompts, SCST's sampled captions), a byte-level BPE
@@ -12,6 +12,8 @@ tokenizer trained on synthetic Vietnamese captions splits them at that rate.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from transformers import PreTrainedTokenizerFast
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from pipeline.core.config import LmTrain, load_config
 from pipeline.data.annotations import ImageRecord
@@ -27,7 +29,7 @@ from pipeline.demo.tiny import train_tokenizer
 from pipeline.encoders.base import encoding_precision
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.models.viclipcap import Captioner
-from pipeline.models.viclipcap.lm import LanguageModel, fuse_activations, set_up_lm
+from pipeline.models.viclipcap.lm import LanguageModel, context_length, fuse_activations, set_up_lm
 from pipeline.models.viclipcap.mapper import build_mapper
 from pipeline.models.viclipcap.retrieval import Datastore
 
@@ -56,29 +58,59 @@ def clip_encoder(device: torch.device) -> ClipEncoder:
     return ClipEncoder(model.requires_grad_(False).eval(), preprocess, config.normalize, encoding_precision(device))
 
 
+def _gpt2(layers: int = 12, width: int = 768) -> PretrainedConfig:
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=layers, n_embd=width, n_head=max(width // 64, 1))
+
+
+def _qwen2(layers: int = 24, width: int = 896) -> PretrainedConfig:
+    """Qwen2.5-0.5B's shape: grouped-query attention (2 key-value heads), RoPE, SwiGLU, tied embeddings and a
+    151,936-row vocabulary (494M parameters, 136M of them the embedding)."""
+    from transformers import Qwen2Config
+
+    heads = max(width // 64, 1)
+    return Qwen2Config(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
+                       num_key_value_heads=2 if heads % 2 == 0 else 1, intermediate_size=width * 38 // 7,
+                       vocab_size=151_936, max_position_embeddings=32_768, tie_word_embeddings=True,
+                       bos_token_id=151_643, eos_token_id=151_643)
+
+
+# The LMs the suite can time (`python -m benchmarks --lm NAME`, BENCH_LM in each case's process), each a
+# config at full size (a test's may have fewer blocks or a narrower width, one head each 64 wide).
+LMS: dict[str, Callable[..., PretrainedConfig]] = {"gpt2-small": _gpt2, "qwen2.5-0.5b": _qwen2}
+BENCH_LM = "VICLIP_BENCH_LM"
+
+
+def lm_name() -> str:
+    return os.environ.get(BENCH_LM, next(iter(LMS)))
+
+
 def language_model(device: torch.device, impl: str = "viclip", tokenizer: PreTrainedTokenizerFast | None = None,
-                   layers: int = 12, width: int = 768, train: LmTrain = "frozen") -> LanguageModel:
-    """GPT-2 small's shape (124M parameters; a test's may have fewer blocks or a narrower width, one head
-    each 64 wide), viclip's with its activations fused as `load_lm` fuses them, the reference's as Hugging
-    Face builds it.
+                   layers: int | None = None, width: int | None = None, train: LmTrain = "frozen") -> LanguageModel:
+    """The LM `lm_name()` names, at full size with random weights, viclip's with its activations fused as
+    `load_lm` fuses them, the reference's as Hugging Face builds it.
 
     Without a tokenizer it is frozen, and random weights never stop (the worst case): the stop is
     end-of-text, and no token is banned. With one (prompts to write, samples to read), it is set up as
     `load_lm` sets up a loaded LM (`set_up_lm`): the stop is `lm.stop`, rows no entry of the tokenizer maps
     to are banned (random weights then draw the stop about once in TOKENIZER_ENTRIES tokens), and what of
     it trains is `train` (lm.train, with lm.lora's adapters)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
+    name = lm_name()
+    shape = {key: value for key, value in (("layers", layers), ("width", width)) if value is not None}
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=max(width // 64, 1)))
-    name = "gpt2-small-shape"
+    model = AutoModelForCausalLM.from_config(LMS[name](**shape))
+    name += "-shape"
     if tokenizer is not None:
         settings = params().lm
-        return set_up_lm(name, model, tokenizer, settings.stop, device, train, settings.lora)
+        return set_up_lm(name, model, tokenizer, settings.stop, device, train, settings.lora, settings.max_positions)
     if impl == "viclip":
         fuse_activations(model)
     model.requires_grad_(False).eval().to(device)
-    return LanguageModel(name, model, tokenizer=None, stop_text=None, stop_id=model.config.eos_token_id, banned_ids=())
+    return LanguageModel(name, model, tokenizer=None, stop_text=None, stop_id=model.config.eos_token_id, banned_ids=(),
+                         max_positions=context_length(name, model.config, None))
 
 
 def tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:

@@ -62,13 +62,14 @@ def test_reference_beam_search_finds_viclips_captions(demo, config):
 @pytest.mark.slow
 def test_the_benchmark_command_writes_its_results(tmp_path):
     out = tmp_path / "results.json"
-    command = ["--only", "score", "--out", str(out), "--precision", "fp16"]  # fp16: no device's own policy here
+    # fp16: no device's own policy here; the LM is recorded, though the score stage runs none
+    command = ["--only", "score", "--out", str(out), "--precision", "fp16", "--lm", "qwen2.5-0.5b"]
     result = subprocess.run([sys.executable, "-m", "benchmarks", *command],
                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
     written = json.loads(out.read_text())
     assert written["machine"]["command"] == f"python -m benchmarks {' '.join(command)}"
-    assert written["machine"]["precision"] == "fp16"
+    assert written["machine"]["precision"] == "fp16" and written["machine"]["lm"] == "qwen2.5-0.5b"
     [row] = written["rows"]
     assert row["stage"] == "score" and row["viclip"] > 0 and "score" in result.stdout
 
@@ -114,11 +115,14 @@ def test_the_streaming_case_trains_the_baseline_from_disk_or_from_memory(monkeyp
         assert counts["streamed"] is streamed and counts["images"] == 12
 
 
-def test_the_variants_stage_measures_each_variant_against_the_cross_entropy_step(monkeypatch):
-    """At a tiny size, each case in this process (their subprocess path is the benchmark command's)."""
-    from benchmarks import __main__ as command, case
+@pytest.mark.parametrize("lm", ["gpt2-small", "qwen2.5-0.5b"])
+def test_the_variants_stage_measures_each_variant_against_the_cross_entropy_step(monkeypatch, lm):
+    """At a tiny size of each LM shape, each case in this process (their subprocess path is the benchmark
+    command's)."""
+    from benchmarks import __main__ as command, case, workload
     from benchmarks.suite import VARIANTS, VariantSize
 
+    monkeypatch.setenv(workload.BENCH_LM, lm)
     monkeypatch.setattr(command, "run_case", lambda *args: json.loads(json.dumps(case.run(*args))))
     rows = command.variants(VariantSize(steps=1, corpus=24, layers=1, width=64, batch=5))
     steps = [r for r in rows if "training step" in r["measure"]]
@@ -130,4 +134,5 @@ def test_the_variants_stage_measures_each_variant_against_the_cross_entropy_step
     assert "5 images x 5 samples" in steps[VARIANTS.index("viclipcap_scst")]["measure"]
     trained = {r["variant"]: r["trained_parameters"] for r in steps}
     assert trained["viclipcap:lora"] > trained["viclipcap"]  # the adapters too
-    assert trained["viclipcap_published"] > 50_257 * 64  # the LM too (its embeddings alone are this many)
+    vocabulary = workload.LMS[lm]().vocab_size  # 50,257 or 151,936
+    assert trained["viclipcap_published"] > vocabulary * 64  # the LM too (its embeddings alone are this many)
