@@ -235,3 +235,14 @@ def test_params_and_model_directories_written_before_the_families_still_load(fam
     reloaded, _ = load_model(directory, CPU)
     ours, theirs = outputs(model, tmp_path), outputs(reloaded, tmp_path)
     assert torch.equal(ours[0], theirs[0]) and ours[2] == theirs[2]
+
+
+def test_decoding_starts_from_the_last_prefix_positions_logits_only(family_lms):
+    """The other positions' logits would be (B, P, V): 2.4 GB for BLOOM's vocabulary at batch 64, prefix 40."""
+    lm = load_lm(str(family_lms["bloom"]), ".", CPU, max_positions=BLOCK)
+    model = Captioner(build_mapper(config_for(Path("unused"), "frozen").mapper, 16, lm.width), lm).eval()
+    shapes = []
+    lm.model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: shapes.append(output.shape))
+    with torch.no_grad():
+        first, _ = model.start_decoding(torch.randn(3, 16), 2)
+    assert shapes == [(3, 1, lm.vocab_size)] and first.shape[-1] == lm.vocab_size
