@@ -259,7 +259,7 @@ def streamed_train(device: torch.device, impl: str, images: int, steps: int = 10
 
 
 def _megabytes(data: CaptionSet) -> float:
-    tensors = (data.features, data.image_rows, data.tokens, data.lengths)
+    tensors = (data.features, data.image_rows, data.tokens, data.device_lengths)
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 

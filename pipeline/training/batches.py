@@ -11,7 +11,7 @@ is empty runs one caption with weight 0, since every rank must take part in each
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,7 +30,14 @@ class CaptionSet:
     features: torch.Tensor | FeatureStore  # (N, ...) one row of features per image, or the store to read them from
     image_rows: torch.Tensor  # (M,) the image row of each caption
     tokens: torch.Tensor  # (M, T) right-padded token ids, the stop included
-    lengths: torch.Tensor  # (M,) real tokens per caption
+    # (M,) real tokens per caption, on the host: each batch's width and weight are worked out there, without
+    # waiting for the device; the device's own copy makes the masks.
+    lengths: torch.Tensor
+    device_lengths: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = self.lengths.cpu()
+        self.device_lengths = self.lengths.to(self.tokens.device)
 
     @classmethod
     def build(
@@ -53,7 +60,7 @@ class CaptionSet:
             torch.from_numpy(store.embeddings).to(device) if in_memory else store,
             torch.tensor(image_rows, device=device),
             tokens.to(device),
-            torch.tensor([len(t) for t in ids], device=device),
+            torch.tensor([len(t) for t in ids]),
         )
 
     def rows(self, captions: torch.Tensor) -> torch.Tensor:
@@ -72,15 +79,16 @@ class CaptionSet:
         """This rank's share of each global batch: (features (b, ...), tokens (b, T), mask (b, T), weight),
         cut to its longest caption; weight scales the share's mean loss into its part of the global mean."""
         order = torch.randperm(len(self), generator=generator) if generator else torch.arange(len(self))
+        on_device = order.to(self.tokens.device)  # copied once an epoch, not once a batch
         ranks = distributed.world_size()
         for start in range(0, len(self), batch_size):
-            rows = order[start : start + batch_size].to(self.tokens.device)
+            rows = order[start : start + batch_size]
             share = distributed.shard(len(rows))
             lengths = self.lengths[rows]
             weight = float(lengths[share.start : share.stop].sum()) / float(lengths.sum()) * ranks
-            rows = rows[share.start : share.stop] if len(share) else rows[:1]
-            lengths = self.lengths[rows]
-            width = int(lengths.max())
+            mine = slice(start + share.start, start + share.stop) if len(share) else slice(start, start + 1)
+            width = int(self.lengths[order[mine]].max())
+            rows = on_device[mine]
             tokens = self.tokens[rows, :width]
-            mask = torch.arange(width, device=tokens.device) < lengths.unsqueeze(1)
+            mask = torch.arange(width, device=tokens.device) < self.device_lengths[rows].unsqueeze(1)
             yield self.rows(rows), tokens, mask, weight

@@ -25,32 +25,48 @@ def train_epoch(
     """One pass over `data`; returns the token mean of the training loss over every rank. `model` is the
     CaptionModel, or its DistributedDataParallel wrapper: the loss goes through its forward either way."""
     model.train()
-    total, tokens_seen = 0.0, 0.0
+    mean = TokenMean(data.tokens.device)
     steps = (len(data) + batch_size - 1) // batch_size
     batches = data.batches(batch_size, generator)
     for features, tokens, mask, weight in tqdm(batches, total=steps, desc=description, disable=distributed.progress_disabled()):
         with autocast(features.device, optimisation.policy):
             loss = model(features, tokens, mask)
         optimisation.step(model, loss * weight)
-        count = float(mask.sum()) if weight else 0.0
-        total += loss.item() * count
-        tokens_seen += count
-    total, tokens_seen = distributed.all_sum(total, tokens_seen)
-    return total / tokens_seen
+        mean.add(loss, mask, weight)
+    return mean.value()
+
+
+class TokenMean:
+    """The token mean of batch losses over every rank, summed on the device and read once at the end: reading
+    a loss each batch (`.item()`) would make the host wait for the device at every step."""
+
+    def __init__(self, device: torch.device):
+        # fp64, as Python's floats: the same sums as adding each batch's figures on the host.
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, mask: torch.Tensor, weight: float) -> None:
+        """A batch's mean loss over its real tokens (`mask`); a share of weight 0 (a rank's stand-in caption
+        in the last batch) counts for nothing."""
+        if weight:
+            count = mask.sum().double()
+            self.total += loss.detach().double() * count
+            self.tokens += count
+
+    def value(self) -> float:
+        total, tokens = distributed.all_sum(float(self.total), float(self.tokens))
+        return total / tokens
 
 
 @torch.no_grad()
 def evaluate(model: CaptionModel, data: CaptionSet, batch_size: int, policy: Precision) -> float:
     """The token mean of the loss over `data` (each rank scores its share of each batch), no gradients."""
     model.eval()
-    total, tokens_seen = 0.0, 0.0
+    mean = TokenMean(data.tokens.device)
     for features, tokens, mask, weight in data.batches(batch_size):
-        count = float(mask.sum()) if weight else 0.0
         with autocast(features.device, policy):
-            total += model.loss(features, tokens, mask).item() * count
-        tokens_seen += count
-    total, tokens_seen = distributed.all_sum(total, tokens_seen)
-    return total / tokens_seen
+            mean.add(model.loss(features, tokens, mask), mask, weight)
+    return mean.value()
 
 
 @dataclass
