@@ -150,7 +150,7 @@ def serve(demo: Path) -> list[dict]:
             continue
         args = [str(demo)] if models == "demo" else []
         batched, single = (run_load(models, mode, *args) for mode in ("batched", "single"))
-        label = "demo models" if models == "demo" else f"ViT-B-32 + {os.environ[workload.BENCH_LM]}"
+        label = "demo models" if models == "demo" else f"ViT-B-32 + {workload.lm_name()}"
         for ours, theirs in zip(batched["levels"], single["levels"]):
             clients = f"{label}, {ours['concurrency']} clients"
             rows += [

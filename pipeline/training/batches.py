@@ -82,13 +82,13 @@ class CaptionSet:
         on_device = order.to(self.tokens.device)  # copied once an epoch, not once a batch
         ranks = distributed.world_size()
         for start in range(0, len(self), batch_size):
-            rows = order[start : start + batch_size]
-            share = distributed.shard(len(rows))
-            lengths = self.lengths[rows]
+            batch = slice(start, start + batch_size)
+            lengths = self.lengths[order[batch]]
+            share = distributed.shard(len(lengths))
             weight = float(lengths[share.start : share.stop].sum()) / float(lengths.sum()) * ranks
-            mine = slice(start + share.start, start + share.stop) if len(share) else slice(start, start + 1)
-            width = int(self.lengths[order[mine]].max())
-            rows = on_device[mine]
+            mine = slice(share.start, share.stop) if len(share) else slice(0, 1)
+            width = int(lengths[mine].max())
+            rows = on_device[batch][mine]
             tokens = self.tokens[rows, :width]
             mask = torch.arange(width, device=tokens.device) < self.device_lengths[rows].unsqueeze(1)
             yield self.rows(rows), tokens, mask, weight
