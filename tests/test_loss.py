@@ -11,12 +11,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.core.config import MapperConfig
 from pipeline.models.viclipcap import Captioner
-from pipeline.models.viclipcap.captioner import IGNORE
 from pipeline.models.viclipcap.lm import LanguageModel
 from pipeline.models.viclipcap.loss import frozen_head_cross_entropy
 from pipeline.models.viclipcap.mapper import build_mapper
 
 VOCAB, WIDTH, EMBEDDING = 500, 32, 16
+IGNORE = -100  # F.cross_entropy's label for positions that do not count
 
 
 def tiny_captioner() -> Captioner:

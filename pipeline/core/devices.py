@@ -14,6 +14,7 @@ from pipeline.core.errors import ViclipError
 
 Precision = Literal["bf16", "fp16", "fp32"]
 CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FEATURE_BUDGET = "VICLIP_FEATURE_BUDGET_MB"  # overrides `feature_budget`: how much of a store is kept in memory
 
 
@@ -41,10 +42,8 @@ def precision(device: torch.device) -> Precision:
 
     VICLIP_PRECISION=fp32|bf16|fp16 in the environment overrides the policy wherever it applies (for
     example to benchmark a bf16 CPU in fp32); extraction on a CPU stays fp32 whatever it says."""
-    override = os.environ.get("VICLIP_PRECISION")
+    override = _override("VICLIP_PRECISION")
     if override:
-        if override not in get_args(Precision):
-            raise ViclipError(f"VICLIP_PRECISION={override!r}: expected one of {', '.join(get_args(Precision))}")
         return override
     if native_bf16(device):
         return "bf16"
@@ -53,10 +52,28 @@ def precision(device: torch.device) -> Precision:
     return "fp32"
 
 
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a frozen LM's weights are held in: the precision policy's on a GPU (bf16, or fp16 on a T4 or
+    V100), since autocast would otherwise cast every frozen fp32 weight again at every forward (it caches casts
+    only of weights that require gradients), and half the bytes let a 4B LM fit a 16 GB T4. fp32 on the CPU:
+    bf16 weights made this project's CPU step 2.4x slower (BENCHMARKS.md). A runtime choice, not part of the
+    model: what a GPU trained, a CPU serves.
+
+    VICLIP_FROZEN_PRECISION=fp32|bf16|fp16 overrides it (the tests hold half-precision weights on the CPU)."""
+    override = _override("VICLIP_FROZEN_PRECISION")
+    return DTYPES[override or (precision(device) if device.type == "cuda" else "fp32")]
+
+
+def _override(variable: str) -> Precision | None:
+    value = os.environ.get(variable)
+    if value and value not in get_args(Precision):
+        raise ViclipError(f"{variable}={value!r}: expected one of {', '.join(get_args(Precision))}")
+    return value or None
+
+
 def autocast(device: torch.device, policy: Precision):
     """Mixed precision as the policy says; fp32 is autocast switched off."""
-    dtype = torch.bfloat16 if policy == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=policy != "fp32")
+    return torch.autocast(device.type, dtype=DTYPES[policy], enabled=policy != "fp32")
 
 
 def hardware(device: torch.device) -> str:

@@ -28,9 +28,6 @@ from pipeline.models.viclipcap.retrieval import Datastore, Retrieval
 
 WEIGHTS = "mapper.safetensors"
 
-IGNORE = -100  # label of prefix and padding positions: never id 0, which is a real GPT-2 token
-
-
 def cache_keyword(lm: nn.Module) -> str:
     """The KV cache's name, in and out: `past_key_values` in the transformers of stock GPU images (5.17),
     `cache` in later ones. A wrong keyword is swallowed by **kwargs: decoding would silently lose its context."""
@@ -114,41 +111,59 @@ class Captioner(CaptionModel):
         """Mean cross-entropy of the caption tokens given the prefix (and prompt); with `weights` (B,), each
         caption's tokens weighted by its caption's weight (self-critical training's advantages).
 
-        tokens, mask: (B, T), right-padded; mask is True on real tokens. A frozen head (the default) goes
-        through `frozen_head_cross_entropy`, on real tokens only; a trainable one through full logits.
-        The first takes the logits to be the head applied to the last hidden state, as GPT-2's are.
+        tokens, mask: (B, T), right-padded; mask is True on real tokens. Every position of the padded width is
+        computed and weighted by the mask: no gather of the real ones, whose count the host would wait for, and
+        the same shapes for every batch of a width. A frozen head (the default) goes through
+        `frozen_head_cross_entropy`, which takes the logits to be the head applied to the last hidden state, as
+        GPT-2's are; a trainable one through full logits.
         """
         context, real = self.context(embeddings)  # (B, P, W), (B, P) or None
-        words = self.lm.model.get_input_embeddings()(tokens)  # (B, T, W)
-        inputs = torch.cat([context, words], dim=1)
-        attention = torch.cat([mask.new_ones(context.shape[:2]) if real is None else real, mask], dim=1).long()
-        where = {"attention_mask": attention, "position_ids": None if real is None else _positions(attention)}
-        head = self.lm.model.get_output_embeddings()
-        # Only positions P-1 .. P+T-2 predict caption tokens: skip the LM head elsewhere.
-        if self.lm.plain_head and not any(p.requires_grad for p in head.parameters()):
-            hidden = self.lm.model.base_model(inputs_embeds=inputs, **where).last_hidden_state
-            return frozen_head_cross_entropy(hidden[:, context.shape[1] - 1 : -1][mask], head, tokens[mask],
-                                             weights=None if weights is None else weights[:, None].expand_as(mask)[mask])
-        logits = self.lm.model(inputs_embeds=inputs, logits_to_keep=tokens.shape[1] + 1, **where).logits[:, :-1]  # (B, T, V)
-        labels = tokens.masked_fill(~mask, IGNORE)
-        if weights is None:
-            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
-        return (losses.view_as(mask) * weights[:, None]).sum() / mask.sum()
+        loss = self._loss(context, real, tokens, mask, weights)
+        return loss if self.lm.settled(loss) else self._loss(context, real, tokens, mask, weights)
+
+    def _loss(self, context: torch.Tensor, real: torch.Tensor | None, tokens: torch.Tensor, mask: torch.Tensor,
+              weights: torch.Tensor | None) -> torch.Tensor:
+        share = mask / mask.sum()  # (B, T): each position's share of the mean, 0 on padding
+        if weights is not None:
+            share = share * weights[:, None]
+        with self.lm.compute():
+            words = self.lm.model.get_input_embeddings()(tokens)  # (B, T, W)
+            inputs = self.lm.inputs(torch.cat([context, words], dim=1))
+            # Right padding under the causal mask: no caption position sees a pad, so no attention mask (nor
+            # transformers' checks of one, which wait for the device). Left-padded prompts keep theirs.
+            where = {}
+            if real is not None:
+                attention = torch.cat([real, mask], dim=1).long()
+                where = {"attention_mask": attention, "position_ids": _positions(attention)}
+            head = self.lm.model.get_output_embeddings()
+            # Only positions P-1 .. P+T-2 predict caption tokens: skip the LM head elsewhere.
+            if self.lm.plain_head and not any(p.requires_grad for p in head.parameters()):
+                hidden = self.lm.model.base_model(inputs_embeds=inputs, **where).last_hidden_state
+                return frozen_head_cross_entropy(hidden[:, context.shape[1] - 1 : -1].flatten(0, 1), head,
+                                                 tokens.flatten(), weights=share.flatten())
+            logits = self.lm.model(inputs_embeds=inputs, logits_to_keep=tokens.shape[1] + 1, **where).logits[:, :-1]
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")  # (B * T,)
+            return (losses * share.flatten()).sum()
 
     def start_decoding(self, embeddings: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
         """Run the prefix once; each later step feeds one token per beam on the reordered KV cache."""
+        first, step = self._start_decoding(embeddings, beams)
+        return (first, step) if self.lm.settled(first) else self._start_decoding(embeddings, beams)
+
+    def _start_decoding(self, embeddings: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
         lm = self.lm.model
         keyword = cache_keyword(lm)
         context, real = self.context(embeddings)
+        context = self.lm.inputs(context)
         # The last position's logits alone: the others would be (B, P, V), 2.4 GB for BLOOM's vocabulary at
         # batch 64 and prefix 40.
-        if real is None:
-            out = lm(inputs_embeds=context, use_cache=True, logits_to_keep=1)
-        else:
-            out = lm(inputs_embeds=context, attention_mask=real.long(), position_ids=_positions(real), use_cache=True,
-                     logits_to_keep=1)
-            attention = real.long().repeat_interleave(beams, dim=0)  # (N * beams, P), then one column a step
+        with self.lm.compute():
+            if real is None:
+                out = lm(inputs_embeds=context, use_cache=True, logits_to_keep=1)
+            else:
+                out = lm(inputs_embeds=context, attention_mask=real.long(), position_ids=_positions(real),
+                         use_cache=True, logits_to_keep=1)
+                attention = real.long().repeat_interleave(beams, dim=0)  # (N * beams, P), then one column a step
         cache = out[keyword]
         cache.batch_repeat_interleave(beams)
 
@@ -159,7 +174,8 @@ class Captioner(CaptionModel):
             if real is not None:
                 attention = torch.cat([attention[rows], attention.new_ones(len(rows), 1)], dim=1)
                 where = {"attention_mask": attention, "position_ids": attention.sum(1, keepdim=True) - 1}
-            return lm(input_ids=tokens.view(-1, 1), use_cache=True, **{keyword: cache}, **where).logits[:, -1]
+            with self.lm.compute():
+                return lm(input_ids=tokens.view(-1, 1), use_cache=True, **{keyword: cache}, **where).logits[:, -1]
 
         return out.logits[:, -1], step
 

@@ -23,9 +23,11 @@ base weights it was trained from, so their digest is part of the fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from transformers.activations import NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
 from pipeline.core.config import LmTrain, LoraSettings
+from pipeline.core.devices import frozen_dtype
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import json_digest
 from pipeline.models.base import load_weights, save_weights
@@ -83,6 +86,40 @@ class LanguageModel:
     # lora: peft's wrapper around `model`. The adapters live inside `model` itself (peft swaps each target
     # layer for one that adds its adapter), so `model` is what runs; the wrapper names the adapters' weights.
     adapters: PeftModel | None = None
+    # The dtype the frozen weights are held in (`devices.frozen_dtype`); trained ones, and norms, stay fp32.
+    held: torch.dtype = torch.float32
+    # fp16 only: each cast weight's fp32 original, on the host, until the first batch shows fp16 holds its
+    # activations (`settled`); after an overflow the originals come back and the LM runs in fp32.
+    originals: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    fell_back: bool = False
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """Where the LM runs: under autocast to the dtype its weights are held in (fp32 weights: as the caller
+        set it), or in fp32 after an fp16 overflow, whatever the caller's policy."""
+        device = self.model.device.type
+        if self.fell_back:
+            return torch.autocast(device, enabled=False)
+        return contextlib.nullcontext() if self.held == torch.float32 else torch.autocast(device, dtype=self.held)
+
+    def inputs(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Input embeddings as `compute` runs the LM: fp32 after a fall-back, whatever autocast made them."""
+        return embeddings.float() if self.fell_back else embeddings
+
+    def settled(self, output: torch.Tensor) -> bool:
+        """False, once, where fp16 weights overflowed on the first batch (an inf or NaN in `output`; reported
+        for Qwen models): the fp32 weights are back and the batch must run again. One host wait, once a run."""
+        if self.originals is None:
+            return True
+        if bool(torch.isfinite(output).all()):
+            self.originals = None  # the host copy is freed
+            return True
+        parameters = dict(self.model.named_parameters())
+        for name, original in self.originals.items():
+            parameters[name].data = original.to(parameters[name].device)
+        self.originals, self.held, self.fell_back = None, torch.float32, True
+        print(f"lm: {self.name} overflowed in fp16 on the first batch (inf or NaN); its weights are held and run "
+              "in fp32 for this run", file=sys.stderr)
+        return False
 
     @property
     def width(self) -> int:
@@ -289,6 +326,20 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     return model
 
 
+def hold(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Cast `model`'s frozen weights to `dtype`, its norms' excepted (they normalise in fp32); trained weights
+    stay fp32. For fp16, the fp32 originals, to come back should fp16 overflow (`LanguageModel.settled`)."""
+    if dtype == torch.float32:
+        return None
+    norms = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)}
+    originals = {}
+    for name, weight in model.named_parameters():  # a tied weight once
+        if not weight.requires_grad and id(weight) not in norms and weight.is_floating_point():
+            originals[name] = weight.data
+            weight.data = weight.data.to(dtype)
+    return originals if dtype == torch.float16 else None
+
+
 def load_lm(
     name: str, stop: str | None, device: torch.device, train: LmTrain = "frozen", lora: LoraSettings | None = None,
     max_positions: int | None = None,
@@ -315,7 +366,8 @@ def set_up_lm(
     train: LmTrain = "frozen", lora: LoraSettings | None = None, max_positions: int | None = None,
 ) -> LanguageModel:
     """What `load_lm` makes of a loaded LM and its tokenizer (the benchmarks' random-weight LMs too):
-    the stop token and the banned ones found, activations fused, set up for `train`, on `device`."""
+    the stop token and the banned ones found, activations fused, set up for `train`, its frozen weights held
+    in the device's `frozen_dtype`, on `device`."""
     rows = model.get_input_embeddings().num_embeddings
     if stop is None:
         stop_id = _end_of_text_id(tokenizer, model)
@@ -325,7 +377,10 @@ def set_up_lm(
         stop_id = _stop_id(name, tokenizer, stop, rows)
     context = context_length(name, model.config, max_positions)
     base_weights = None if train == "frozen" else weights_digest(model)
-    fuse_activations(model).requires_grad_(train == "full").eval().to(device)
-    adapters = add_adapters(name, model, lora) if train == "lora" else None
+    fuse_activations(model).requires_grad_(train == "full").eval()
+    held = torch.float32 if train == "full" else frozen_dtype(device)
+    originals = hold(model, held)  # before the move: the fp32 originals stay on the host
+    model.to(device)
+    adapters = add_adapters(name, model, lora) if train == "lora" else None  # fp32 adapters (peft's autocast_adapter_dtype)
     return LanguageModel(name, model, tokenizer, stop, stop_id, _banned_ids(tokenizer, rows, stop_id), context,
-                         leading_bos(tokenizer), train, base_weights, adapters)
+                         leading_bos(tokenizer), train, base_weights, adapters, held, originals)

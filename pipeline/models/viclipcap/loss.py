@@ -17,7 +17,8 @@ CHUNK = 256  # positions a chunk: 256 × 50,257 fp32 logits are 51 MB
 def frozen_head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = CHUNK,
                               weights: torch.Tensor | None = None) -> torch.Tensor:
     """F.cross_entropy(head(hidden).float(), targets), for a head that gets no gradient; with `weights` (n,),
-    each position's term is weighted: (F.cross_entropy(..., reduction="none") * weights).mean().
+    each position's share of the loss instead of 1/n: (F.cross_entropy(..., reduction="none") * weights).sum().
+    A padding position with weight 0 adds nothing, so padded positions need not be gathered out first.
 
     hidden: (n, W) the LM's final hidden states at the positions that predict `targets` (n,).
     Under autocast the head's products run in autocast's dtype and the log-softmax in fp32, as
@@ -53,10 +54,12 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                     if scale is not None:
                         probs *= scale
                     grad[rows] = probs.to(weight.dtype) @ weight  # (c, W)
-        if grad is not None:
-            grad /= n
+        if weights is None:  # the mean
+            total /= n
+            if grad is not None:
+                grad /= n
         ctx.save_for_backward(grad)
-        return total / n
+        return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
