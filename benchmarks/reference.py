@@ -9,6 +9,7 @@ sequence at every step without a key/value cache.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +24,12 @@ from pipeline.models.viclipcap import Captioner
 @torch.no_grad()
 def extract(encoder: ClipEncoder, files: Sequence[Path], captions_per_image: int, device: torch.device) -> torch.Tensor:
     """One embedding per caption: each image is opened and encoded alone, once for each of its captions."""
+    # The whole transform on the host, as the reference has it: float32 pixels go to the device.
+    to_float = copy.deepcopy(encoder.standardise).cpu()
     rows = []
     for path in files:
         for _ in range(captions_per_image):
-            pixels = encoder.preprocess(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
+            pixels = to_float(encoder.preprocess(Image.open(path).convert("RGB")).unsqueeze(0)).to(device)
             rows.append(encoder.model.encode_image(pixels).cpu())
     return torch.cat(rows)
 

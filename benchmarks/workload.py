@@ -26,7 +26,6 @@ from transformers import PretrainedConfig, PreTrainedTokenizerFast
 from pipeline.core.config import LmTrain, load_config
 from pipeline.data.annotations import ImageRecord
 from pipeline.demo.tiny import train_tokenizer
-from pipeline.encoders.base import encoding_precision
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.models.viclipcap import Captioner
 from pipeline.models.viclipcap.lm import LanguageModel, context_length, fuse_activations, set_up_lm
@@ -55,7 +54,7 @@ def clip_encoder(device: torch.device) -> ClipEncoder:
     config = params().clip
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=None, device=device)
-    return ClipEncoder(model.requires_grad_(False).eval(), preprocess, config.normalize, encoding_precision(device))
+    return ClipEncoder.frozen(model, preprocess, config.normalize, device)
 
 
 def _gpt2(layers: int = 12, width: int = 768) -> PretrainedConfig:

@@ -54,12 +54,12 @@ class LoadedModel:
 
     @property
     def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
-        """RGB image -> (3, H, W) pixels, as the encoder expects them."""
+        """RGB image -> (3, H, W) uint8 pixels, as the encoder expects them."""
         return self.encoder.preprocess
 
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, settings: ScoreConfig) -> Captions:
-        """(N, 3, H, W) preprocessed pixels -> N captions: one encoder call, then batched beam search."""
+        """(N, 3, H, W) uint8 pixels -> N captions: one encoder call, then batched beam search."""
         features = self.encoder(pixels.to(self.device)).float()
         return caption_features(self.model, features, settings, description=None)
 

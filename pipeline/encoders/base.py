@@ -4,7 +4,7 @@ names an encoder's weights."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -14,17 +14,49 @@ import torch
 from PIL import Image
 
 from pipeline.core.devices import Precision, precision
+from pipeline.core.errors import ViclipError
+
+
+Preprocess = Callable[[Image.Image], torch.Tensor]  # RGB image -> (3, H, W) pixels
 
 
 class ImageEncoder(Protocol):
     """A frozen image encoder: how to turn a file into pixels, and pixels into features."""
 
-    preprocess: Callable[[Image.Image], torch.Tensor]
+    preprocess: Preprocess  # to uint8 pixels
     store_dtype: str  # how its features are stored
     precision: Precision  # how it computes them
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed pixels -> (B, ...) float32 features."""
+        """(B, 3, H, W) uint8 pixels -> (B, ...) float32 features."""
+
+
+class Standardise(torch.nn.Module):
+    """(B, C, H, W) uint8 pixels -> float32 in [0, 1], less the mean, over the standard deviation, per channel:
+    torchvision's ToTensor then Normalize, operation for operation, so the same numbers, on the pixels' device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float().div(255) - self.mean) / self.std
+
+
+def split_preprocess(transform: Preprocess) -> tuple[Preprocess, Standardise]:
+    """An image transform ending in ToTensor, Normalize (torchvision's, as open_clip's is) in two halves: the steps
+    on the image then uint8 pixels, for the loader's workers; the rest (`Standardise`), for the device. uint8
+    pixels are a quarter of float32's bytes through shared memory, pinned memory and the copy to the device."""
+    from torchvision import transforms
+
+    steps = list(getattr(transform, "transforms", [transform]))
+    if len(steps) < 2 or not isinstance(steps[-2], transforms.ToTensor) \
+            or not isinstance(steps[-1], transforms.Normalize):
+        raise ViclipError(f"image preprocess ({', '.join(type(step).__name__ for step in steps)}) does not end in "
+                          "ToTensor, Normalize: viclip decodes uint8 pixels and normalises them on the device")
+    normalize = steps[-1]
+    return transforms.Compose([*steps[:-2], transforms.PILToTensor()]), Standardise(normalize.mean, normalize.std)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from PIL import Image
 from pipeline.core.config import ClipConfig
 from pipeline.core.devices import Precision, autocast
 from pipeline.core.errors import ViclipError
-from pipeline.encoders.base import EncoderFamily, encoding_precision, register, weights_id
+from pipeline.encoders.base import (
+    EncoderFamily, Standardise, encoding_precision, register, split_preprocess, weights_id,
+)
 
 
 def clip_attrs(config: ClipConfig) -> dict[str, Any]:
@@ -30,17 +32,27 @@ def clip_attrs(config: ClipConfig) -> dict[str, Any]:
 @dataclass
 class ClipEncoder:
     model: torch.nn.Module
-    preprocess: Callable[[Image.Image], torch.Tensor]
+    preprocess: Callable[[Image.Image], torch.Tensor]  # RGB image -> (3, H, W) uint8 pixels, in loader workers
+    standardise: Standardise  # the rest of open_clip's transform, on the model's device
     normalize: bool
     precision: Precision
     store_dtype = "float32"
 
+    @classmethod
+    def frozen(cls, model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor], normalize: bool,
+               device: torch.device) -> ClipEncoder:
+        """`model` (on `device`) frozen, with open_clip's image `transform` split between the loader and the device."""
+        preprocess, standardise = split_preprocess(transform)
+        return cls(model.requires_grad_(False).eval(), preprocess, standardise.to(device), normalize,
+                   encoding_precision(device))
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed pixels -> (B, D) float32 embeddings."""
+        """(B, 3, H, W) uint8 pixels -> (B, D) float32 embeddings."""
         device = images.device
+        pixels = self.standardise(images)
         with autocast(device, self.precision):
-            embeddings = self.model.encode_image(images).float()
+            embeddings = self.model.encode_image(pixels).float()
         if self.normalize:
             embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
         return embeddings
@@ -70,8 +82,7 @@ def load_clip(config: ClipConfig, device: torch.device) -> ClipEncoder:
         ) from None
     finally:
         logging.disable(logging.NOTSET)
-    model.requires_grad_(False).eval()
-    return ClipEncoder(model, preprocess, config.normalize, encoding_precision(device))
+    return ClipEncoder.frozen(model, preprocess, config.normalize, device)
 
 
 register("clip", EncoderFamily(clip_attrs, load_clip))

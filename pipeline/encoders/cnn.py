@@ -21,7 +21,9 @@ from torch import nn
 from pipeline.core.config import CnnConfig
 from pipeline.core.devices import Precision, autocast
 from pipeline.core.errors import ViclipError
-from pipeline.encoders.base import EncoderFamily, encoding_precision, register, weights_id
+from pipeline.encoders.base import (
+    EncoderFamily, Standardise, encoding_precision, register, split_preprocess, weights_id,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,7 +45,8 @@ def cnn_attrs(config: CnnConfig) -> dict[str, Any]:
 class CnnEncoder:
     trunk: nn.Module  # the CNN without its pooling and classifier
     grid: int
-    preprocess: Callable[[Image.Image], torch.Tensor]
+    preprocess: Callable[[Image.Image], torch.Tensor]  # RGB image -> (3, S, S) uint8 pixels, in loader workers
+    standardise: Standardise  # to ImageNet's statistics, on the trunk's device
     precision: Precision
     # A 7 x 7 x 2048 grid is 400 KB per image in float32; half precision halves the store and
     # what training keeps on the device, and is far finer than the LSTM can make use of.
@@ -51,10 +54,11 @@ class CnnEncoder:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed pixels -> (B, grid * grid, C) float32 features."""
+        """(B, 3, S, S) uint8 pixels -> (B, grid * grid, C) float32 features."""
         device = images.device
+        pixels = self.standardise(images)
         with autocast(device, self.precision):
-            maps = self.trunk(images)  # (B, C, h, w)
+            maps = self.trunk(pixels)  # (B, C, h, w)
         grid = nn.functional.adaptive_avg_pool2d(maps.float(), self.grid)  # (B, C, grid, grid)
         return grid.flatten(2).transpose(1, 2).contiguous()
 
@@ -121,13 +125,13 @@ def load_cnn(config: CnnConfig, device: torch.device) -> CnnEncoder:
     from torchvision import transforms
 
     trunk = build_trunk(config).requires_grad_(False).eval().to(device)
-    preprocess = transforms.Compose([
+    preprocess, standardise = split_preprocess(transforms.Compose([
         # Squashed, not cropped: a caption may mention anything in the frame.
         transforms.Resize((config.image_size, config.image_size)),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    return CnnEncoder(trunk, config.grid, preprocess, encoding_precision(device))
+    ]))
+    return CnnEncoder(trunk, config.grid, preprocess, standardise.to(device), encoding_precision(device))
 
 
 register("cnn", EncoderFamily(cnn_attrs, load_cnn))

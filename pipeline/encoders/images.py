@@ -1,4 +1,5 @@
-"""Decoding image files, and encoding them in batches with decoding in worker processes.
+"""Decoding image files, and encoding them in batches with decoding in worker processes: the workers hand
+over uint8 pixels, which the encoder converts and normalises on its device.
 
 Every image a user hands viclip goes through `open_rgb`: `viclip extract`, `viclip caption` and the
 service's uploads alike, so a bad file or a decompression bomb is refused the same way everywhere.
@@ -15,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from pipeline.core import distributed
@@ -91,8 +92,54 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
     good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
     bad = [(index, error) for index, pixels, error in items if pixels is None]
     indices = np.array([index for index, _ in good], dtype=np.int64)
-    pixels = torch.stack([p for _, p in good]) if good else None
+    # default_collate stacks a worker's batch straight into shared memory: no copy on the way to the main process.
+    pixels = default_collate([p for _, p in good]) if good else None
     return indices, pixels, bad
+
+
+class _Batches:
+    """The loader's batch sampler: `batch_size` at a time of the rows of the current pass. The loader reads it in
+    the main process as each pass begins, so persistent workers serve passes over any rows."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.rows: list[int] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self.rows[start:start + self.batch_size] for start in range(0, len(self.rows), self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+
+class FileLoader:
+    """Image files decoded by loader workers that live as long as it does (started by the first pass), then
+    encoded on the device; a pass at a time, over any of the files."""
+
+    def __init__(self, encoder: ImageEncoder, paths: Sequence[Path], batch_size: int, num_workers: int,
+                 device: torch.device):
+        self.encoder, self.device = encoder, device
+        self.batches = _Batches(batch_size)
+        self.loader = DataLoader(
+            ImageFiles(paths, encoder.preprocess),
+            batch_sampler=self.batches,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
+
+    def encode(
+        self, rows: Sequence[int] | None = None, description: str = "encode"
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        """Yield (indices into the paths, (B, ...) features, [(index, error) of bad files]) per batch of `rows`
+        (default: every file, in order). One pass at a time: a pass's rows are read as it begins."""
+        self.batches.rows = list(range(len(self.loader.dataset)) if rows is None else rows)
+        progress = tqdm(self.loader, desc=description, unit="batch", disable=distributed.progress_disabled())
+        for indices, pixels, bad in progress:
+            if pixels is not None:
+                pixels = pixels.to(self.device, non_blocking=True)
+            yield indices, None if pixels is None else self.encoder(pixels).cpu().numpy(), bad
 
 
 def encode_files(
@@ -103,15 +150,5 @@ def encode_files(
     device: torch.device,
     description: str = "encode",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
-    """Yield (indices into `paths`, (B, ...) features, [(index, error) of bad files]) per batch."""
-    loader = DataLoader(
-        ImageFiles(paths, encoder.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    for indices, pixels, bad in tqdm(loader, desc=description, unit="batch", disable=distributed.progress_disabled()):
-        embeddings = encoder(pixels.to(device, non_blocking=True)).cpu().numpy() if pixels is not None else None
-        yield indices, embeddings, bad
+    """Yield (indices into `paths`, (B, ...) features, [(index, error) of bad files]) per batch: one pass."""
+    return FileLoader(encoder, paths, batch_size, num_workers, device).encode(description=description)

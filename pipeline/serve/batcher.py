@@ -39,7 +39,7 @@ class JobCaptions:
 @dataclass
 class _Job:
     model: str
-    pixels: torch.Tensor  # (k, 3, H, W)
+    pixels: torch.Tensor  # (k, 3, H, W) uint8
     settings: ScoreConfig
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
