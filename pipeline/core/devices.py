@@ -64,6 +64,16 @@ def frozen_dtype(device: torch.device) -> torch.dtype:
     return DTYPES[override or (precision(device) if device.type == "cuda" else "fp32")]
 
 
+def compiling(device: torch.device) -> bool:
+    """Whether the training step is compiled (torch.compile; CUDA graphs on a GPU): on a GPU, where a step
+    is otherwise bound by the host issuing kernels one by one; not on the CPU, where the first compile
+    costs more than short runs gain (BENCHMARKS.md). VICLIP_COMPILE=on|off overrides it."""
+    value = os.environ.get("VICLIP_COMPILE", "auto")
+    if value not in ("auto", "on", "off"):
+        raise ViclipError(f"VICLIP_COMPILE={value!r}: expected one of auto, on, off")
+    return device.type == "cuda" if value == "auto" else value == "on"
+
+
 def _override(variable: str) -> Precision | None:
     value = os.environ.get(variable)
     if value and value not in get_args(Precision):

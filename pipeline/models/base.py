@@ -26,6 +26,7 @@ class CaptionModel(nn.Module):
     stop_id: int  # the token that ends a caption
     banned_ids: tuple[int, ...]  # tokens that can never be a caption's: decoding never produces them
     max_tokens: int | None  # the longest caption (stop included) it can learn or decode; None: no limit
+    compiles = False  # whether its training forward is traced whole by torch.compile (`CrossEntropy.compile`)
 
     def record(self) -> dict[str, Any]:
         """What else the model directory's config.json records, and a reloaded model must match."""

@@ -10,6 +10,7 @@ is empty runs one caption with weight 0, since every rank must take part in each
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from pipeline.core.devices import feature_budget
 from pipeline.core.errors import ViclipError
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore, stored_records
+
+STATIC_WIDTH = 16  # a compiled step's batch widths are multiples of it: a few shapes, each compiled once
 
 
 @dataclass
@@ -50,7 +53,9 @@ class CaptionSet:
         longest = max(len(t) for t in ids)
         if max_tokens is not None and longest > max_tokens:
             raise ViclipError(f"a caption of {longest} tokens does not fit the LM after the prefix (and prompt): {max_tokens} positions left")
-        tokens = torch.zeros((len(ids), longest), dtype=torch.long)  # padding is masked, whatever its id
+        # Padding is masked, whatever its id; room for the widest static width (`batches`) the LM has room for.
+        width = min(-(-longest // STATIC_WIDTH) * STATIC_WIDTH, max_tokens or sys.maxsize)
+        tokens = torch.zeros((len(ids), width), dtype=torch.long)
         for row, caption in enumerate(ids):
             tokens[row, : len(caption)] = torch.tensor(caption)
         rows = store.positions([r.image_id for r in records])
@@ -74,10 +79,11 @@ class CaptionSet:
         return len(self.image_rows)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
+        self, batch_size: int, generator: torch.Generator | None = None, width_step: int = 1,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
         """This rank's share of each global batch: (features (b, ...), tokens (b, T), mask (b, T), weight),
-        cut to its longest caption; weight scales the share's mean loss into its part of the global mean."""
+        cut to its longest caption rounded up to a multiple of `width_step` (a compiled step's few static
+        widths); weight scales the share's mean loss into its part of the global mean."""
         order = torch.randperm(len(self), generator=generator) if generator else torch.arange(len(self))
         on_device = order.to(self.tokens.device)  # copied once an epoch, not once a batch
         ranks = distributed.world_size()
@@ -87,7 +93,7 @@ class CaptionSet:
             share = distributed.shard(len(lengths))
             weight = float(lengths[share.start : share.stop].sum()) / float(lengths.sum()) * ranks
             mine = slice(share.start, share.stop) if len(share) else slice(0, 1)
-            width = int(lengths[mine].max())
+            width = min(-(-int(lengths[mine].max()) // width_step) * width_step, self.tokens.shape[1])
             rows = on_device[batch][mine]
             tokens = self.tokens[rows, :width]
             mask = torch.arange(width, device=tokens.device) < self.device_lengths[rows].unsqueeze(1)

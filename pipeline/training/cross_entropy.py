@@ -6,6 +6,8 @@ says, so what is optimised is the global batch's token mean, exactly as on one p
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -14,26 +16,41 @@ from tqdm import tqdm
 from pipeline.core import distributed
 from pipeline.core.devices import Precision, autocast
 from pipeline.models.base import CaptionModel
-from pipeline.training.batches import CaptionSet
+from pipeline.training.batches import STATIC_WIDTH, CaptionSet
 from pipeline.training.optimisation import Optimisation
 
 
 def train_epoch(
     model: torch.nn.Module, data: CaptionSet, batch_size: int, optimisation: Optimisation,
-    generator: torch.Generator, description: str,
+    generator: torch.Generator, description: str, compiled: bool = False, time_first_step: bool = False,
 ) -> float:
     """One pass over `data`; returns the token mean of the training loss over every rank. `model` is the
-    CaptionModel, or its DistributedDataParallel wrapper: the loss goes through its forward either way."""
+    CaptionModel, its DistributedDataParallel wrapper or, `compiled`, its `torch.compile`d forward: the loss
+    goes through its forward either way. A compiled step sees a few static widths. `time_first_step`: the
+    first step (a compiled one's first compile) is timed and reported, at the cost of one wait for the device."""
     model.train()
     mean = TokenMean(data.tokens.device)
     steps = (len(data) + batch_size - 1) // batch_size
-    batches = data.batches(batch_size, generator)
-    for features, tokens, mask, weight in tqdm(batches, total=steps, desc=description, disable=distributed.progress_disabled()):
+    batches = data.batches(batch_size, generator, STATIC_WIDTH if compiled else 1)
+    started = time.perf_counter()
+    for index, (features, tokens, mask, weight) in enumerate(
+            tqdm(batches, total=steps, desc=description, disable=distributed.progress_disabled())):
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
         with autocast(features.device, optimisation.policy):
             loss = model(features, tokens, mask)
         optimisation.step(model, loss * weight)
         mean.add(loss, mask, weight)
+        if time_first_step and index == 0 and distributed.is_main():
+            float(loss)  # the step has run
+            print(f"{description}: first step, compiling it, took {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return mean.value()
+
+
+def compile_forward(model: CaptionModel, device: torch.device) -> torch.nn.Module:
+    """The model's training forward compiled (and so its backward): inductor's fused kernels, and on a GPU
+    CUDA graphs that launch a step's kernels at once. One graph a static width: no shape is traced twice."""
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 class TokenMean:
@@ -75,6 +92,8 @@ class CrossEntropy:
 
     data: dict[str, CaptionSet]  # train and val
     batch_size: int
+    compiled: torch.nn.Module | None = None  # the model's compiled forward (`compile`), which then trains it
+    epochs_run: int = 0
     columns = ("train_loss", "val_loss")  # what the training log calls the two figures of an epoch
     higher_is_better = False
 
@@ -83,9 +102,15 @@ class CrossEntropy:
         """Optimiser steps an epoch."""
         return -(-len(self.data["train"]) // self.batch_size)
 
+    def compile(self, model: CaptionModel, device: torch.device) -> None:
+        self.compiled = compile_forward(model, device)
+
     def epoch(self, trained: torch.nn.Module, optimisation: Optimisation, generator: torch.Generator,
               description: str) -> float:
-        return train_epoch(trained, self.data["train"], self.batch_size, optimisation, generator, description)
+        compiled = self.compiled is not None
+        self.epochs_run += 1
+        return train_epoch(self.compiled if compiled else trained, self.data["train"], self.batch_size, optimisation,
+                           generator, description, compiled, time_first_step=compiled and self.epochs_run == 1)
 
     def validate(self, model: CaptionModel, policy: Precision) -> float:
         return evaluate(model, self.data["val"], self.batch_size, policy)

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.core import distributed, paths, registry
 from pipeline.core.config import Config, TrainSettings
-from pipeline.core.devices import Precision
+from pipeline.core.devices import Precision, compiling
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import write_text
 from pipeline.data.annotations import ImageRecord
@@ -139,6 +139,12 @@ class Trainer:
             torch.manual_seed(seed + 7919 * distributed.rank())
         trained = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None) \
             if distributed.world_size() > 1 else model
+        if compiling(self.device):
+            if isinstance(objective, CrossEntropy) and model.compiles and distributed.world_size() == 1:
+                objective.compile(model, self.device)
+            elif distributed.is_main():
+                print(f"train {self.name}: the step runs eagerly; it compiles only for cross-entropy training "
+                      "on one process, without retrieval or LoRA", file=sys.stderr)
 
         resume_path = paths.checkpoint_path(self.config, self.name)
         saved, why = checkpoint.load(resume_path, self.fingerprint)

@@ -53,6 +53,11 @@ class Captioner(CaptionModel):
         leading = lm.bos_id is not None  # the beginning-of-sequence token before the prefix
         self.max_tokens = lm.max_positions - leading - mapper.prefix_length - self.max_prompt
 
+    @property
+    def compiles(self) -> bool:
+        """Retrieval builds its prompts on the host, and peft's adapters are untried under torch.compile."""
+        return self.retrieval is None and self.lm.train != "lora"
+
     def record(self) -> dict[str, Any]:
         record = {"lm": self.lm.fingerprint()}
         if self.retrieval is not None:

@@ -1,0 +1,97 @@
+"""The GPU's training step, run on the CPU: static batch widths, a `torch.compile`d step against the eager one,
+fused AdamW across the warm-up, and which paths compile."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+
+import pytest
+import torch
+
+from pipeline.core import devices
+from pipeline.core.config import TrainSettings
+from pipeline.core.errors import ViclipError
+from pipeline.training import optimisation
+from pipeline.training.batches import STATIC_WIDTH, CaptionSet
+from pipeline.training.cross_entropy import CrossEntropy
+from pipeline.training.optimisation import Optimisation
+from tests.test_loss import EMBEDDING, VOCAB, tiny_captioner
+
+CPU = torch.device("cpu")
+SETTINGS = TrainSettings(epochs=2, patience=2, batch_size=5, lr=1e-3, weight_decay=0.01, warmup_steps=4, grad_clip=1.0)
+
+
+def caption_set(captions: int = 15) -> CaptionSet:
+    """Captions of 3 to 21 tokens over 6 images, right-padded as `CaptionSet.build` pads them."""
+    generator = torch.Generator().manual_seed(2)
+    lengths = torch.randint(3, 22, (captions,), generator=generator)
+    tokens = torch.randint(VOCAB, (captions, 2 * STATIC_WIDTH), generator=generator)
+    tokens[torch.arange(tokens.shape[1]) >= lengths[:, None]] = 0
+    return CaptionSet(torch.randn(6, EMBEDDING, generator=generator), torch.arange(captions) % 6, tokens, lengths)
+
+
+def test_static_widths_are_multiples_of_the_step_with_the_same_real_tokens():
+    data = caption_set()
+    for (_, tokens, mask, _), (_, static_tokens, static_mask, _) in zip(data.batches(5), data.batches(5, None, STATIC_WIDTH)):
+        assert static_mask.shape[1] % STATIC_WIDTH == 0 and static_mask.shape[1] >= mask.shape[1]
+        assert torch.equal(static_mask[:, : mask.shape[1]], mask) and not static_mask[:, mask.shape[1]:].any()
+        assert torch.equal(static_tokens[:, : tokens.shape[1]], tokens)
+
+
+def test_the_loss_over_a_static_width_is_the_loss_over_the_longest_caption():
+    captioner, data = tiny_captioner(), caption_set()
+    for (features, tokens, mask, _), (_, wide, wide_mask, _) in zip(data.batches(5), data.batches(5, None, STATIC_WIDTH)):
+        narrow = captioner.loss(features, tokens, mask)
+        assert abs(captioner.loss(features, wide, wide_mask).item() / narrow.item() - 1) < 1e-5
+
+
+def fit(captioner, compiled: bool) -> tuple[list[float], torch.Tensor]:
+    """Two epochs of three steps, the warm-up across the first four; the epoch losses and the mapper's weights."""
+    objective = CrossEntropy({"train": caption_set()}, SETTINGS.batch_size)
+    if compiled:
+        objective.compile(captioner, CPU)
+    trainer = Optimisation.build(captioner, SETTINGS, SETTINGS.epochs * objective.steps, CPU)
+    losses = [objective.epoch(captioner, trainer, torch.Generator().manual_seed(epoch), "test") for epoch in range(2)]
+    return losses, torch.cat([p.detach().flatten() for p in captioner.mapper.parameters()])
+
+
+@pytest.mark.slow
+def test_a_compiled_step_trains_as_the_eager_one(capsys):
+    """Inductor's fused kernels round differently: the same run to float tolerance. Its first compile, on
+    two cores with no cache, takes about a minute."""
+    if shutil.which("g++") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("torch.compile needs g++ on the CPU: apt-get install g++ (.ci/run does)")
+        pytest.skip("no g++: torch.compile cannot build its CPU kernels")
+    eager_losses, eager = fit(tiny_captioner(), compiled=False)
+    losses, weights = fit(tiny_captioner(), compiled=True)
+    assert all(abs(a / b - 1) < 1e-4 for a, b in zip(losses, eager_losses)), (losses, eager_losses)
+    assert float((weights - eager).norm() / eager.norm()) < 1e-4
+    assert "test: first step, compiling it, took" in capsys.readouterr().err
+
+
+def test_fused_adamw_follows_the_warm_up_as_the_foreach_one_does(monkeypatch):
+    """Fused on a GPU (`Optimisation.build`); here forced on the CPU, whose fused kernel exists too."""
+    losses, weights = fit(tiny_captioner(), compiled=False)
+    monkeypatch.setattr(optimisation.torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True))
+    fused_losses, fused = fit(tiny_captioner(), compiled=False)
+    assert all(abs(a / b - 1) < 1e-5 for a, b in zip(fused_losses, losses))
+    assert float((fused - weights).norm() / weights.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("value, cpu, gpu", [("auto", False, True), ("on", True, True), ("off", False, False)])
+def test_the_step_compiles_on_a_gpu_unless_told(monkeypatch, value, cpu, gpu):
+    monkeypatch.setenv("VICLIP_COMPILE", value)
+    assert (devices.compiling(CPU), devices.compiling(torch.device("cuda"))) == (cpu, gpu)
+    monkeypatch.setenv("VICLIP_COMPILE", "yes")
+    with pytest.raises(ViclipError, match=r"^VICLIP_COMPILE='yes': expected one of auto, on, off$"):
+        devices.compiling(CPU)
+
+
+def test_retrieval_and_lora_captioners_stay_eager():
+    captioner = tiny_captioner()
+    assert captioner.compiles
+    captioner.lm.train = "lora"
+    assert not captioner.compiles
