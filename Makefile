@@ -47,7 +47,7 @@ gpu-check:
 	export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" HF_HUB_OFFLINE=1; \
 	$(GPU_PYTHON) -m pytest -x -v -s -rA --junitxml=$(GPU_RESULTS)/tests.xml tests/gpu 2>&1 | tee $(GPU_RESULTS)/tests.log; \
 	tests=$${PIPESTATUS[0]}; \
-	$(GPU_PYTHON) -m benchmarks --only extract train decode --out $(GPU_BENCH_OUT) 2>&1 | tee $(GPU_RESULTS)/benchmarks.log; \
+	$(GPU_PYTHON) -m benchmarks --only extract train decode profile --out $(GPU_BENCH_OUT) 2>&1 | tee $(GPU_RESULTS)/benchmarks.log; \
 	bench=$${PIPESTATUS[0]}; \
 	echo "gpu-check: tests exit $$tests, benchmarks exit $$bench; $(GPU_RESULTS)/, $(GPU_BENCH_OUT)"; \
 	[ $$tests -eq 0 ] && [ $$bench -eq 0 ]

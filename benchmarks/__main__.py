@@ -22,7 +22,7 @@ from benchmarks.suite import SCALING, VARIANTS, VariantSize
 from pipeline.core.devices import Precision, best_device, hardware, precision
 from pipeline.core.io import write_json
 
-STAGES = ("extract", "train", "decode", "score", "scaling", "processes", "streaming", "serve", "variants")
+STAGES = ("extract", "train", "decode", "profile", "score", "scaling", "processes", "streaming", "serve", "variants")
 STREAMED_IMAGES = 2_000  # CNN grids in the streaming case: 400 MB of float16, which fits this machine
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (FLOP/s), by device name.
 BF16_PEAKS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
@@ -57,11 +57,18 @@ def extract() -> list[dict]:
 
 def train(device: torch.device) -> list[dict]:
     ours, theirs = pair("train")
+    # The step the device does not run by default, against the one it does: compiled against eager.
+    other = run_case("train", "eager" if ours["compiled"] else "compiled")
+    compiled, eager = (ours, other) if ours["compiled"] else (other, ours)
     rows = [
         row("train", "captions/s", "captions/s", ours["captions"] / ours["seconds"],
             theirs["captions"] / theirs["seconds"]),
         row("train", "tokens/s", "tokens/s", ours["tokens"] / ours["seconds"], theirs["tokens"] / theirs["seconds"]),
         row("train", "peak memory", "MB", ours["peak_mb"], theirs["peak_mb"]),
+        row("train", "compiled step against the eager one (viclip: compiled, reference: eager)", "captions/s",
+            compiled["captions"] / compiled["seconds"], eager["captions"] / eager["seconds"],
+            default="compiled" if ours["compiled"] else "eager"),
+        row("train", "first epoch, compiling the step included", "s", compiled["warm_up_seconds"]),
     ]
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
@@ -80,6 +87,20 @@ def decode() -> list[dict]:
     return [row("decode", "captions/s, beam 5, full length", "captions/s",
                 ours["captions"] / ours["seconds"], theirs["captions"] / theirs["seconds"]),
             row("decode", "peak memory", "MB", ours["peak_mb"], theirs["peak_mb"])]
+
+
+def profile() -> list[dict]:
+    """One training step and one decode step under torch.profiler: where a step's time goes."""
+    rows = []
+    for impl, what in (("train", "training step"), ("decode", "beam-search step")):
+        case = run_case("profile", impl)
+        label = f"{what}{' (compiled)' if case['compiled'] else ''}"
+        rows += [row("profile", f"{label}: kernels (CPU: aten ops called)", "count", case["kernels_a_step"]),
+                 row("profile", f"{label}: host time to issue it", "s", case["host_seconds_a_step"]),
+                 row("profile", f"{label}: wall time", "s", case["wall_seconds_a_step"])]
+        if case["gpu_busy"] is not None:
+            rows.append(row("profile", f"{label}: share of the wall time the GPU computes", "fraction", case["gpu_busy"]))
+    return rows
 
 
 def score() -> list[dict]:
@@ -224,7 +245,7 @@ def main() -> None:
         os.environ["VICLIP_PRECISION"] = args.precision  # inherited by every case's process
 
     device = best_device()
-    runs = {"extract": extract, "train": lambda: train(device), "decode": decode, "score": score,
+    runs = {"extract": extract, "train": lambda: train(device), "decode": decode, "profile": profile, "score": score,
             "scaling": scaling, "processes": processes, "streaming": streaming,
             "serve": lambda: serve(args.demo.resolve()), "variants": variants}
     started = time.perf_counter()

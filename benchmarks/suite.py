@@ -28,14 +28,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import reference, workload
+from benchmarks.measure import profiled
 from benchmarks.cider import corpus
 from pipeline.core import distributed, registry
 from pipeline.core.config import TrainSettings
-from pipeline.core.devices import FEATURE_BUDGET, autocast
+from pipeline.core.devices import FEATURE_BUDGET, autocast, compiling
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore, open_store, write_store
 from pipeline.decoding.beam import beam_search
-from pipeline.encoders.images import encode_files
+from pipeline.encoders.images import FileLoader
 from pipeline.evaluation.metrics import score_captions
 from pipeline.models import architecture
 from pipeline.models.base import trainable_parameters
@@ -45,14 +46,15 @@ from pipeline.models.viclipcap.retrieval import Retrieval
 from pipeline.training import scst
 from pipeline.training.batches import CaptionSet
 from pipeline.training.cider import CiderD
-from pipeline.training.cross_entropy import CrossEntropy
+from pipeline.training.cross_entropy import CrossEntropy, compile_forward
 from pipeline.training.optimisation import Optimisation
 
 # (viclip, reference) workload sizes, in images, per device type.
 SIZES = {
     "cpu": {"extract": (64, 8), "train": (40, 24), "decode": (16, 2)},
-    "cuda": {"extract": (4096, 64), "train": (3769, 64), "decode": (558, 8)},
+    "cuda": {"extract": (20480, 64), "train": (3769, 64), "decode": (558, 8)},
 }
+EXTRACT_FILES = 4096  # distinct JPEG files the extract case writes
 SCALING = (1_000, 10_000, 100_000)  # stored images
 BEAM = 5
 MAX_LENGTH = workload.TOKENS[1]  # random weights never stop early: every caption runs to full length
@@ -69,11 +71,16 @@ def extract(device: torch.device, impl: str) -> Case:
     encoder = workload.clip_encoder(device)
     folder = tempfile.mkdtemp()
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the images live as long as the case's process
-    files = workload.write_images(Path(folder), count)
-    list(encode_files(encoder, files[:4], 4, 0, device))  # warm-up: kernels, allocator
+    # Each listed file is read, decoded and encoded: 4,096 files listed five times are the work of 20,480,
+    # without the GPU machine spending minutes writing JPEGs.
+    written = workload.write_images(Path(folder), min(count, EXTRACT_FILES))
+    files = [written[n % len(written)] for n in range(count)]
     if impl == "viclip":
         workers = min(16, torch.get_num_threads() if device.type == "cpu" else 16)
-        return (lambda: list(encode_files(encoder, files, 64, workers, device))), {"images": count}
+        loader = FileLoader(encoder, files, 64, workers, device)
+        list(loader.encode(range(64)))  # warm-up: the workers start, kernels and allocator at the batch size
+        return (lambda: list(loader.encode())), {"images": count}
+    reference.extract(encoder, files[:1], 1, device)  # warm-up: kernels, allocator
     return (lambda: reference.extract(encoder, files, workload.CAPTIONS_PER_IMAGE, device)), {"images": count}
 
 
@@ -92,8 +99,9 @@ def _optimisation(captioner, data: CaptionSet) -> Optimisation:
     return Optimisation.build(captioner, settings, -(-len(data) // _batch_size()), data.tokens.device)
 
 
-def _viclip_epoch(captioner, data: CaptionSet) -> None:
-    objective = CrossEntropy({"train": data}, _batch_size())
+def _viclip_epoch(captioner, data: CaptionSet, compiled: nn.Module | None = None) -> None:
+    """One epoch as `viclip train` runs it: eagerly, or through `compiled` (`compile_forward`'s)."""
+    objective = CrossEntropy({"train": data}, _batch_size(), compiled)
     objective.epoch(captioner, _optimisation(captioner, data), torch.Generator().manual_seed(0), "train")
 
 
@@ -118,20 +126,47 @@ def _reference_epoch(captioner, embeddings: torch.Tensor, tokens: torch.Tensor, 
 
 
 def train(device: torch.device, impl: str) -> Case:
+    """impl viclip: the step as `viclip train` runs it on this device (compiled or not, `devices.compiling`);
+    eager and compiled: the step either way, whatever the device; reference: the reference's step."""
     images = SIZES[device.type]["train"][impl == "reference"]
-    captioner = workload.captioner(device, impl)
+    captioner = workload.captioner(device, "reference" if impl == "reference" else "viclip")
     captions = workload.captions(images)
     counts = {"captions": images * workload.CAPTIONS_PER_IMAGE,
               "tokens": sum(len(t) for t in captions.tokens.values())}
     warm_up = workload.captions(8, seed=1)  # one batch
-    if impl == "viclip":
+    if impl != "reference":
         data = caption_set(captions, captioner, device)
-        _viclip_epoch(captioner, caption_set(warm_up, captioner, device))
-        return (lambda: _viclip_epoch(captioner, data)), {**counts, "matrix_flops": _matrix_flops(captioner, data)}
+        compiled = impl == "compiled" or (impl == "viclip" and compiling(device))
+        forward = compile_forward(captioner, device) if compiled else None
+        started = time.perf_counter()
+        # Compiled: a whole epoch first, so every static width is compiled before the timed one.
+        _viclip_epoch(captioner, data if compiled else caption_set(warm_up, captioner, device), forward)
+        counts |= {"compiled": compiled, "warm_up_seconds": time.perf_counter() - started}
+        return (lambda: _viclip_epoch(captioner, data, forward)), {**counts, "matrix_flops": _matrix_flops(captioner, data)}
     captioner.lm.model.requires_grad_(True)  # as the reference leaves its "frozen" GPT-2
     _reference_epoch(captioner, *_padded(warm_up), device)
     embeddings, tokens = _padded(captions)
     return (lambda: _reference_epoch(captioner, embeddings, tokens, device)), counts
+
+
+def profile(device: torch.device, impl: str) -> Case:
+    """impl train: one training step (one batch) as `viclip train` runs it on this device, after two warm-up
+    steps (a compiled step is compiled, then recorded as CUDA graphs); impl decode: one beam-search batch at the
+    score stage's batch size, per step. Each under torch.profiler (`measure.profiled`)."""
+    captioner = workload.captioner(device)
+    figures: dict[str, Any] = {"compiled": impl == "train" and compiling(device)}
+    if impl == "train":
+        data = caption_set(workload.captions(_batch_size() // workload.CAPTIONS_PER_IMAGE), captioner, device)
+        forward = compile_forward(captioner, device) if figures["compiled"] else None
+        for _ in range(2):
+            _viclip_epoch(captioner, data, forward)
+        work, steps = functools.partial(_viclip_epoch, captioner, data, forward), 1
+    else:
+        batch = torch.from_numpy(workload.captions(min(workload.params().score.batch_size,
+                                                       SIZES[device.type]["decode"][0])).embeddings).to(device)
+        beam_search(captioner, batch[:2], BEAM, MAX_LENGTH, 1.0)  # warm-up
+        work, steps = functools.partial(beam_search, captioner, batch, BEAM, MAX_LENGTH, 1.0), MAX_LENGTH
+    return (lambda: figures.update(profiled(work, device, steps))), figures
 
 
 def _matrix_flops(captioner, data: CaptionSet) -> float:
@@ -392,7 +427,7 @@ def _positions(captioner: Captioner, batch: CaptionSet) -> int:
 
 
 CASES: dict[str, Callable[..., Case]] = {
-    "extract": extract, "train": train, "decode": decode, "score": score,
+    "extract": extract, "train": train, "decode": decode, "score": score, "profile": profile,
     "scaling_train": scaling_train, "scaling_decode": scaling_decode, "processes": processes,
     "all_reduce": all_reduce, "streamed_train": streamed_train, "variant": variant,
 }

@@ -136,3 +136,14 @@ def test_the_variants_stage_measures_each_variant_against_the_cross_entropy_step
     assert trained["viclipcap:lora"] > trained["viclipcap"]  # the adapters too
     vocabulary = workload.LMS[lm]().vocab_size  # 50,257 or 151,936
     assert trained["viclipcap_published"] > vocabulary * 64  # the LM too (its embeddings alone are this many)
+
+
+def test_the_profile_counts_a_steps_ops_and_times_them():
+    """`measure.profiled`, as the profile stage runs it on a CPU: aten ops called a step (not those they call in
+    turn; kernels on a GPU), times a step."""
+    from benchmarks.measure import profiled
+
+    matrix = torch.randn(64, 64)
+    figures = profiled(lambda: [torch.mm(matrix, matrix) for _ in range(6)], CPU, steps=3)
+    assert figures["kernels_a_step"] == 2 and figures["steps"] == 3 and figures["gpu_busy"] is None
+    assert 0 < figures["host_seconds_a_step"] <= figures["wall_seconds_a_step"]

@@ -166,3 +166,16 @@ def test_command_prints_labelled_estimates_one_row_per_lm(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "`" in line]
     assert [row.split("`")[1] for row in rows] == [lm.config for lm in LMS.values()]
     assert out.count("the arithmetic is") == len(memory.MEASURED)
+
+
+def test_the_readme_table_is_the_commands_and_a_smaller_mapper_needs_less(capsys):
+    """README's table is what `python -m benchmarks.memory` prints; `--mapper mlp --prefix-length 10` (also in
+    the README) estimates less for every LM, and fits PhoGPT-4B's training on an L4."""
+    memory.main([])
+    default = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "`" in line]
+    assert all(row in memory.PROJECT.joinpath("README.md").read_text() for row in default)
+    memory.main(["--mapper", "mlp", "--prefix-length", "10"])
+    small = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "`" in line]
+    column = 6  # the training step's figure
+    assert all(float(s.split("|")[column]) < float(d.split("|")[column]) for s, d in zip(small, default))
+    assert "PhoGPT" in small[4] and small[4].split("|")[9].strip().startswith("✓")

@@ -66,8 +66,9 @@ def frozen_dtype(device: torch.device) -> torch.dtype:
 
 def compiling(device: torch.device) -> bool:
     """Whether the training step is compiled (torch.compile; CUDA graphs on a GPU): on a GPU, where a step
-    is otherwise bound by the host issuing kernels one by one; not on the CPU, where the first compile
-    costs more than short runs gain (BENCHMARKS.md). VICLIP_COMPILE=on|off overrides it."""
+    is otherwise bound by the host issuing kernels one by one. Not by default on a CPU, although a full-size
+    step compiled is 1.4x faster there and repays its compile within minutes (BENCHMARKS.md): it needs a C++
+    compiler, and tiny models compile for longer than they train. VICLIP_COMPILE=on|off overrides it."""
     value = os.environ.get("VICLIP_COMPILE", "auto")
     if value not in ("auto", "on", "off"):
         raise ViclipError(f"VICLIP_COMPILE={value!r}: expected one of auto, on, off")

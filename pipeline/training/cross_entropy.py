@@ -42,7 +42,7 @@ def train_epoch(
         optimisation.step(model, loss * weight)
         mean.add(loss, mask, weight)
         if time_first_step and index == 0 and distributed.is_main():
-            float(loss)  # the step has run
+            loss.item()  # the step has run
             print(f"{description}: first step, compiling it, took {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return mean.value()
 

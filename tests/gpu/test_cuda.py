@@ -14,9 +14,11 @@ itself, without pytest (the repository root on PYTHONPATH):
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -28,7 +30,7 @@ import pytest
 import torch
 
 from pipeline.core import devices, paths, registry
-from pipeline.core.config import Config, parse_config
+from pipeline.core.config import Config, TrainSettings, parse_config
 from pipeline.core.devices import autocast
 from pipeline.core.io import read_json
 from pipeline.data.annotations import find_layout, load_splits, read_annotations
@@ -39,6 +41,9 @@ from pipeline.demo.synthetic import caption_groups, make_dataset
 from pipeline.demo.tiny import make_tiny_clip, make_tiny_lm
 from pipeline.evaluation.text import protocol_text
 from pipeline.models import CONFIG, load_model
+from pipeline.training.batches import CaptionSet
+from pipeline.training.cross_entropy import CrossEntropy, compile_forward, train_epoch
+from pipeline.training.optimisation import Optimisation
 import stages.extract
 import stages.train
 
@@ -178,8 +183,9 @@ def check_training(reference: Config, reference_device: torch.device, other: Con
 
 @contextmanager
 def precision(device: torch.device, name: str) -> Iterator[None]:
-    """fp32: no autocast and no TF32, so the GPU multiplies in full fp32 as the CPU does;
-    policy: the autocast that training uses on `device`."""
+    """fp32: fp32 LM weights, no autocast and no TF32, so the GPU multiplies in full fp32 as the CPU does;
+    policy: the LM's weights held as the device holds them (`devices.frozen_dtype`), under the autocast that
+    training uses on `device`."""
     if name == "policy":
         with autocast(device, devices.precision(device)):
             yield
@@ -188,7 +194,7 @@ def precision(device: torch.device, name: str) -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False), mock.patch.dict(os.environ, {"VICLIP_FROZEN_PRECISION": "fp32"}):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
@@ -196,12 +202,12 @@ def precision(device: torch.device, name: str) -> Iterator[None]:
 
 def decode(config: Config, device: torch.device, precision_name: str = "fp32") -> tuple[list[str], bool]:
     """The trained model's captions of the test split, decoded on `device` at the given precision, and
-    whether that ran under autocast."""
+    whether that ran in half precision (autocast, or half-precision LM weights)."""
     started = time.perf_counter()
-    model, spec = load_model(paths.model_dir(config), device)
-    features = torch.from_numpy(open_store(paths.store_path(config, "test"), spec.store_attrs).embeddings).to(device)
     with precision(device, precision_name):
-        autocast_on = torch.is_autocast_enabled(device.type)
+        model, spec = load_model(paths.model_dir(config), device)
+        features = torch.from_numpy(open_store(paths.store_path(config, "test"), spec.store_attrs).embeddings).to(device)
+        autocast_on = torch.is_autocast_enabled(device.type) or model.lm.held != torch.float32
         captions = caption_features(model, features, config.score)
     texts = captions.texts
     report(f"decode on {device} ({precision_name})", autocast=autocast_on, images=len(texts),
@@ -322,6 +328,71 @@ def test_decoded_captions_are_sentences_of_the_training_set(cuda_run, cpu_captio
 def test_decoding_on_cuda_matches_the_cpu(cuda_run, cpu_captions, precision_name):
     captions, autocast_on = decode(cuda_run, CUDA, precision_name)
     check_decoding(cuda_run, cpu_captions, captions, NEAR_TIE if autocast_on else 0.0, precision_name)
+
+
+def caption_sets(config: Config, device: torch.device):
+    """The trained model on `device`, and its training captions: all of them, and a 16-image share."""
+    model, spec = load_model(paths.model_dir(config), device)
+    records = load_splits(config.data)["train"]
+    store = open_store(paths.store_path(config, "train"), spec.store_attrs)
+    return model, [CaptionSet.build(r, store, model.encode, model.max_tokens, device) for r in (records[:16], records)]
+
+
+# Clipping and warm-up on: their arithmetic runs on the device too.
+SYNC_CHECK = TrainSettings(epochs=1, patience=1, batch_size=40, lr=2e-5, weight_decay=0.0, warmup_steps=2, grad_clip=1.0)
+
+
+def epoch_waits(model, data, device: torch.device, forward=None) -> int:
+    """Times the host waits for the GPU in one training epoch, as CUDA's sync debug mode counts them."""
+    settings = SYNC_CHECK
+    optimisation = Optimisation.build(model, settings, 10**4, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_epoch(forward or model, data, settings.batch_size, optimisation, torch.Generator().manual_seed(0),
+                        "sync check", compiled=forward is not None)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@cuda
+@pytest.mark.parametrize("step", ["eager", "compiled"])
+def test_a_training_epoch_waits_for_the_gpu_as_often_however_many_steps_it_has(cuda_run, step):
+    """The host waits only to set an epoch up and to read its loss: never once a step."""
+    model, (few, many) = caption_sets(cuda_run, CUDA)
+    forward = compile_forward(model, CUDA) if step == "compiled" else None
+    if forward is not None:
+        epoch_waits(model, many, CUDA, forward)  # every static width compiled, and recorded
+    waits = [epoch_waits(model, data, CUDA, forward) for data in (few, many)]
+    report(f"host waits an epoch ({step})", few_steps=-(-len(few) // SYNC_CHECK.batch_size), waits_few=waits[0],
+           many_steps=-(-len(many) // SYNC_CHECK.batch_size), waits_many=waits[1])
+    assert waits[0] == waits[1], waits
+
+
+@cuda
+def test_the_compiled_step_trains_as_the_eager_one_on_cuda(cuda_run):
+    losses = []
+    for step in ("eager", "compiled"):
+        model, (_, data) = caption_sets(cuda_run, CUDA)
+        objective = CrossEntropy({"train": data}, 40)
+        if step == "compiled":
+            objective.compile(model, CUDA)
+        settings = cuda_run.train.viclipcap
+        optimisation = Optimisation.build(model, settings, 2 * objective.steps, CUDA)
+        started = time.perf_counter()
+        losses.append([objective.epoch(model, optimisation, torch.Generator().manual_seed(e), step) for e in range(2)])
+        report(f"two epochs ({step})", seconds=time.perf_counter() - started, losses=losses[-1])
+    assert all(abs(c / e - 1) < 0.01 for e, c in zip(*losses)), losses
+
+
+@cuda
+def test_the_frozen_lm_is_held_in_the_policys_half_precision(cuda_run):
+    model, _ = load_model(paths.model_dir(cuda_run), CUDA)
+    dtypes = {p.dtype for n, p in model.lm.model.named_parameters() if "ln_" not in n}
+    assert dtypes == {devices.frozen_dtype(CUDA)}, dtypes  # bf16 on an H100
+    assert {p.dtype for p in model.mapper.parameters()} == {torch.float32}
 
 
 if __name__ == "__main__":
