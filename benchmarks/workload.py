@@ -24,11 +24,12 @@ from PIL import Image
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from pipeline.core.config import LmTrain, load_config
+from pipeline.core.devices import frozen_dtype
 from pipeline.data.annotations import ImageRecord
 from pipeline.demo.tiny import train_tokenizer
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.models.viclipcap import Captioner
-from pipeline.models.viclipcap.lm import LanguageModel, context_length, fuse_activations, set_up_lm
+from pipeline.models.viclipcap.lm import LanguageModel, context_length, fuse_activations, hold, set_up_lm
 from pipeline.models.viclipcap.mapper import build_mapper
 from pipeline.models.viclipcap.retrieval import Datastore
 
@@ -107,9 +108,12 @@ def language_model(device: torch.device, impl: str = "viclip", tokenizer: PreTra
         return set_up_lm(name, model, tokenizer, settings.stop, device, train, settings.lora, settings.max_positions)
     if impl == "viclip":
         fuse_activations(model)
-    model.requires_grad_(False).eval().to(device)
+    # viclip holds the frozen weights as the device's policy says; the reference keeps ClipCap's fp32.
+    held = frozen_dtype(device) if impl == "viclip" else torch.float32
+    originals = hold(model.requires_grad_(False).eval(), held)
+    model.to(device)
     return LanguageModel(name, model, tokenizer=None, stop_text=None, stop_id=model.config.eos_token_id, banned_ids=(),
-                         max_positions=context_length(name, model.config, None))
+                         max_positions=context_length(name, model.config, None), held=held, originals=originals)
 
 
 def tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:

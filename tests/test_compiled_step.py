@@ -3,7 +3,6 @@ fused AdamW across the warm-up, and which paths compile."""
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 
@@ -47,12 +46,13 @@ def test_the_loss_over_a_static_width_is_the_loss_over_the_longest_caption():
         assert abs(captioner.loss(features, wide, wide_mask).item() / narrow.item() - 1) < 1e-5
 
 
-def fit(captioner, compiled: bool) -> tuple[list[float], torch.Tensor]:
+def fit(captioner, compiled: bool, fused: bool = False) -> tuple[list[float], torch.Tensor]:
     """Two epochs of three steps, the warm-up across the first four; the epoch losses and the mapper's weights."""
     objective = CrossEntropy({"train": caption_set()}, SETTINGS.batch_size)
     if compiled:
         objective.compile(captioner, CPU)
     trainer = Optimisation.build(captioner, SETTINGS, SETTINGS.epochs * objective.steps, CPU)
+    assert trainer.optimizer.defaults["fused"] is fused
     losses = [objective.epoch(captioner, trainer, torch.Generator().manual_seed(epoch), "test") for epoch in range(2)]
     return losses, torch.cat([p.detach().flatten() for p in captioner.mapper.parameters()])
 
@@ -75,8 +75,9 @@ def test_a_compiled_step_trains_as_the_eager_one(capsys):
 def test_fused_adamw_follows_the_warm_up_as_the_foreach_one_does(monkeypatch):
     """Fused on a GPU (`Optimisation.build`); here forced on the CPU, whose fused kernel exists too."""
     losses, weights = fit(tiny_captioner(), compiled=False)
-    monkeypatch.setattr(optimisation.torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True))
-    fused_losses, fused = fit(tiny_captioner(), compiled=False)
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(optimisation.torch.optim, "AdamW", lambda *args, **kwargs: adamw(*args, **{**kwargs, "fused": True}))
+    fused_losses, fused = fit(tiny_captioner(), compiled=False, fused=True)
     assert all(abs(a / b - 1) < 1e-5 for a, b in zip(fused_losses, losses))
     assert float((fused - weights).norm() / weights.norm()) < 1e-5
 

@@ -49,7 +49,10 @@ def train_epoch(
 
 def compile_forward(model: CaptionModel, device: torch.device) -> torch.nn.Module:
     """The model's training forward compiled (and so its backward): inductor's fused kernels, and on a GPU
-    CUDA graphs that launch a step's kernels at once. One graph a static width: no shape is traced twice."""
+    CUDA graphs that launch a step's kernels at once. One graph a static width and batch size: no shape is
+    traced twice. torch runs any shape past its recompile limit (8) eagerly, without a word: an LM whose captions
+    reach 128 tokens has 8 widths, and a run's last batch is smaller."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(model, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
@@ -93,7 +96,7 @@ class CrossEntropy:
     data: dict[str, CaptionSet]  # train and val
     batch_size: int
     compiled: torch.nn.Module | None = None  # the model's compiled forward (`compile`), which then trains it
-    epochs_run: int = 0
+    compiling: bool = False  # `compile` has not yet run a step: the next epoch's first one is timed
     columns = ("train_loss", "val_loss")  # what the training log calls the two figures of an epoch
     higher_is_better = False
 
@@ -103,14 +106,13 @@ class CrossEntropy:
         return -(-len(self.data["train"]) // self.batch_size)
 
     def compile(self, model: CaptionModel, device: torch.device) -> None:
-        self.compiled = compile_forward(model, device)
+        self.compiled, self.compiling = compile_forward(model, device), True
 
     def epoch(self, trained: torch.nn.Module, optimisation: Optimisation, generator: torch.Generator,
               description: str) -> float:
-        compiled = self.compiled is not None
-        self.epochs_run += 1
+        compiled, timed, self.compiling = self.compiled is not None, self.compiling, False
         return train_epoch(self.compiled if compiled else trained, self.data["train"], self.batch_size, optimisation,
-                           generator, description, compiled, time_first_step=compiled and self.epochs_run == 1)
+                           generator, description, compiled, time_first_step=timed)
 
     def validate(self, model: CaptionModel, policy: Precision) -> float:
         return evaluate(model, self.data["val"], self.batch_size, policy)

@@ -363,8 +363,9 @@ def test_a_training_epoch_waits_for_the_gpu_as_often_however_many_steps_it_has(c
     """The host waits only to set an epoch up and to read its loss: never once a step."""
     model, (few, many) = caption_sets(cuda_run, CUDA)
     forward = compile_forward(model, CUDA) if step == "compiled" else None
-    if forward is not None:
-        epoch_waits(model, many, CUDA, forward)  # every static width compiled, and recorded
+    for _ in range(2):  # every shape of either: compiled, then recorded as CUDA graphs on its second run
+        for data in (few, many):
+            epoch_waits(model, data, CUDA, forward)
     waits = [epoch_waits(model, data, CUDA, forward) for data in (few, many)]
     report(f"host waits an epoch ({step})", few_steps=-(-len(few) // SYNC_CHECK.batch_size), waits_few=waits[0],
            many_steps=-(-len(many) // SYNC_CHECK.batch_size), waits_many=waits[1])

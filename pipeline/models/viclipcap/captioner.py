@@ -77,7 +77,7 @@ class Captioner(CaptionModel):
         prefix = self.mapper(embeddings)
         if self.lm.bos_id is None:
             return prefix
-        bos = self.lm.model.get_input_embeddings()(torch.tensor([self.lm.bos_id], device=prefix.device))
+        bos = self.lm.model.get_input_embeddings().weight[self.lm.bos_id]  # (W,): no host-to-device copy a step
         return torch.cat([bos.to(prefix.dtype).expand(len(prefix), 1, -1), prefix], dim=1)
 
     def _prompt_ids(self, texts: list[str]) -> list[list[int]]:

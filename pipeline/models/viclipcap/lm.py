@@ -90,7 +90,7 @@ class LanguageModel:
     held: torch.dtype = torch.float32
     # fp16 only: each cast weight's fp32 original, on the host, until the first batch shows fp16 holds its
     # activations (`settled`); after an overflow the originals come back and the LM runs in fp32.
-    originals: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    originals: list[tuple[nn.Parameter, torch.Tensor]] | None = field(default=None, repr=False)
     fell_back: bool = False
 
     def compute(self) -> contextlib.AbstractContextManager:
@@ -113,9 +113,11 @@ class LanguageModel:
         if bool(torch.isfinite(output).all()):
             self.originals = None  # the host copy is freed
             return True
-        parameters = dict(self.model.named_parameters())
-        for name, original in self.originals.items():
-            parameters[name].data = original.to(parameters[name].device)
+        # Outside inference mode (the first batch may be a validation decode's): weights made inside it could
+        # never again be saved for a backward.
+        with torch.inference_mode(False), torch.no_grad():
+            for weight, original in self.originals:
+                weight.data = original.to(weight.device)
         self.originals, self.held, self.fell_back = None, torch.float32, True
         print(f"lm: {self.name} overflowed in fp16 on the first batch (inf or NaN); its weights are held and run "
               "in fp32 for this run", file=sys.stderr)
@@ -326,16 +328,17 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     return model
 
 
-def hold(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+def hold(model: PreTrainedModel, dtype: torch.dtype) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
     """Cast `model`'s frozen weights to `dtype`, its norms' excepted (they normalise in fp32); trained weights
-    stay fp32. For fp16, the fp32 originals, to come back should fp16 overflow (`LanguageModel.settled`)."""
+    stay fp32. For fp16, each weight with its fp32 original, to come back should fp16 overflow
+    (`LanguageModel.settled`): by the parameter itself, which LoRA's adapters later wrap under another name."""
     if dtype == torch.float32:
         return None
     norms = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)}
-    originals = {}
-    for name, weight in model.named_parameters():  # a tied weight once
+    originals = []
+    for weight in model.parameters():  # a tied weight once
         if not weight.requires_grad and id(weight) not in norms and weight.is_floating_point():
-            originals[name] = weight.data
+            originals.append((weight, weight.data))
             weight.data = weight.data.to(dtype)
     return originals if dtype == torch.float16 else None
 
