@@ -137,9 +137,8 @@ class FileLoader:
         self.batches.rows = list(range(len(self.loader.dataset)) if rows is None else rows)
         progress = tqdm(self.loader, desc=description, unit="batch", disable=distributed.progress_disabled())
         for indices, pixels, bad in progress:
-            if pixels is not None:
-                pixels = pixels.to(self.device, non_blocking=True)
-            yield indices, None if pixels is None else self.encoder(pixels).cpu().numpy(), bad
+            embeddings = self.encoder(pixels.to(self.device, non_blocking=True)).cpu().numpy() if pixels is not None else None
+            yield indices, embeddings, bad
 
 
 def encode_files(

@@ -25,6 +25,11 @@ from pipeline.data.features import FeatureStore, stored_records
 STATIC_WIDTH = 16  # a compiled step's batch widths are multiples of it: a few shapes, each compiled once
 
 
+def round_up(length: int, step: int) -> int:
+    """The smallest multiple of `step` that holds `length`."""
+    return -(-length // step) * step
+
+
 @dataclass
 class CaptionSet:
     """Every caption of a split, tokenised once, padded once, on the device; the image features too where
@@ -54,7 +59,7 @@ class CaptionSet:
         if max_tokens is not None and longest > max_tokens:
             raise ViclipError(f"a caption of {longest} tokens does not fit the LM after the prefix (and prompt): {max_tokens} positions left")
         # Padding is masked, whatever its id; room for the widest static width (`batches`) the LM has room for.
-        width = min(-(-longest // STATIC_WIDTH) * STATIC_WIDTH, max_tokens or sys.maxsize)
+        width = min(round_up(longest, STATIC_WIDTH), max_tokens or sys.maxsize)
         tokens = torch.zeros((len(ids), width), dtype=torch.long)
         for row, caption in enumerate(ids):
             tokens[row, : len(caption)] = torch.tensor(caption)
@@ -93,7 +98,7 @@ class CaptionSet:
             share = distributed.shard(len(lengths))
             weight = float(lengths[share.start : share.stop].sum()) / float(lengths.sum()) * ranks
             mine = slice(share.start, share.stop) if len(share) else slice(0, 1)
-            width = min(-(-int(lengths[mine].max()) // width_step) * width_step, self.tokens.shape[1])
+            width = min(round_up(int(lengths[mine].max()), width_step), self.tokens.shape[1])
             rows = on_device[batch][mine]
             tokens = self.tokens[rows, :width]
             mask = torch.arange(width, device=tokens.device) < self.device_lengths[rows].unsqueeze(1)

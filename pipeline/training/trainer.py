@@ -143,8 +143,8 @@ class Trainer:
             if isinstance(objective, CrossEntropy) and model.compiles and distributed.world_size() == 1:
                 objective.compile(model, self.device)
             elif distributed.is_main():
-                print(f"train {self.name}: the step runs eagerly; it compiles only for cross-entropy training "
-                      "on one process, without retrieval or LoRA", file=sys.stderr)
+                print(f"train {self.name}: the step runs eagerly; only ViCLIPCap's cross-entropy training on one "
+                      "process, without retrieval or LoRA, compiles", file=sys.stderr)
 
         resume_path = paths.checkpoint_path(self.config, self.name)
         saved, why = checkpoint.load(resume_path, self.fingerprint)
