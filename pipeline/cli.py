@@ -18,7 +18,7 @@ from pipeline.core import distributed, paths
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import ViclipError
 from pipeline.core.registry import DEFAULT_MODEL, DEFAULT_STORE, MODELS, STORES
-from pipeline.data.annotations import SPLITS
+from pipeline.data.datasets import SPLITS
 from pipeline.evaluation.protocols import SETTINGS
 
 app = typer.Typer(

@@ -15,10 +15,12 @@ from pipeline.core.config import Config, dump_config
 from pipeline.core.devices import best_device
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import write_text
-from pipeline.data.annotations import SPLITS, load_splits
+from pipeline.data.datasets import SPLITS, load_dataset
 from pipeline.data.chunks import SplitChunks
 from pipeline.data.features import write_store
 from pipeline.encoders import encoder_attrs, load_encoder
+
+LISTED = 10  # bad images named in the error; a dataset whose images are elsewhere has thousands
 
 
 def run(
@@ -26,21 +28,26 @@ def run(
 ) -> str:
     started = time.perf_counter()
     skip_bad_images = skip_bad_images or config.extract.skip_bad_images
-    records = load_splits(config.data)
+    dataset = load_dataset(config.data)
     device = best_device()
     family, settings = registry.STORES[store].encoder, getattr(config, store)
     encoder = load_encoder(family, settings, device)
-    attrs = {**encoder_attrs(family, settings), "precision": encoder.precision}
+    attrs = {**encoder_attrs(family, settings), **dataset.attrs(), "precision": encoder.precision}
 
-    encoded = []  # (split, its chunks, its bad images)
+    encoded = []  # (split, its chunks, its bad images: (record, why))
     for split in splits:
-        files = [r.path for r in records[split]]
-        ids = np.array([r.image_id for r in records[split]], dtype=np.int64)
-        chunks = SplitChunks(paths.chunk_dir(config, split, store), files, ids, {**attrs, "split": split},
-                             encoder.store_dtype, config.extract.batch_size, config.extract.chunk_batches)
-        bad = chunks.encode(encoder, config.extract.num_workers, device, f"{store} {split}")
+        # An image its dataset's files name but that is not there (or is there twice) is bad before it is read.
+        records = [r for r in dataset.splits[split] if r.problem is None]
+        bad = [(r, r.problem) for r in dataset.splits[split] if r.problem is not None]
+        ids = np.array([r.image_id for r in records], dtype=np.int64)
+        chunks = SplitChunks(paths.chunk_dir(config, split, store), [r.path for r in records], ids,
+                             {**attrs, "split": split}, encoder.store_dtype, config.extract.batch_size,
+                             config.extract.chunk_batches)
+        bad += [(records[i], error) for i, error in chunks.encode(encoder, config.extract.num_workers, device,
+                                                                  f"{store} {split}")]
         if bad and not skip_bad_images:
-            listing = "; ".join(f"{files[i]} ({error})" for i, error in bad)
+            listing = "; ".join(f"{record.path} ({error})" for record, error in bad[:LISTED])
+            listing += f"; … ({len(bad) - LISTED} more)" if len(bad) > LISTED else ""
             raise ViclipError(
                 f"{len(bad)} bad image(s) in {split}, nothing written "
                 f"(--skip-bad-images skips them): {listing}"
@@ -57,16 +64,16 @@ def run(
             ))
             for image_ids, embeddings in chunks.rows():
                 writer.append(image_ids, embeddings)
-            writer.attrs["skipped_ids"] = [int(chunks.ids[i]) for i, _ in bad]
-            writer.attrs["skipped_images"] = [f"{chunks.files[i].name}: {error}" for i, error in bad]
+            writer.attrs["skipped_ids"] = [record.image_id for record, _ in bad]
+            writer.attrs["skipped_images"] = [f"{record.path.name}: {error}" for record, error in bad]
     for _, chunks, _ in encoded:
         chunks.discard()
     write_text(paths.store_dir(config, store) / "params.yaml", dump_config(config))
 
-    summary = ", ".join(f"{len(chunks.files) - len(bad)} {split}" for split, chunks, bad in encoded)
+    summary = ", ".join(f"{len(dataset.splits[split]) - len(bad)} {split}" for split, _, bad in encoded)
     skipped = sum(len(bad) for _, _, bad in encoded)
     note = f", {skipped} bad skipped" if skipped else ""
     return (
-        f"extract {store}: {summary} images{note} -> {paths.store_dir(config, store)} "
+        f"extract {store}: {dataset.name}, {summary} images{note} -> {paths.store_dir(config, store)} "
         f"({time.perf_counter() - started:.1f} s)"
     )

@@ -16,7 +16,8 @@ from pipeline.data.features import open_store
 from pipeline.decoding.beam import caption_features
 from pipeline.evaluation.metrics import laid_out, score_captions
 from pipeline.evaluation.protocols import chosen
-from pipeline.evaluation.results import stored, test_references
+from pipeline.data.datasets import load_dataset
+from pipeline.evaluation.results import named, stored, test_references
 from pipeline.models import load_model
 
 UNFINISHED_WARNING = 0.05  # the share of captions cut at max_length that says the model does not stop
@@ -29,10 +30,11 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL, model_dir: str
     gathers the captions, scores them once and writes; the others return ({}, "")."""
     started = time.perf_counter()
     model_dir = Path(model_dir or paths.model_dir(config, model_name))
-    references = test_references(config)
+    dataset = load_dataset(config.data)
+    references = test_references(dataset)
     device = best_device()
     model, spec = load_model(model_dir, device)
-    store = open_store(paths.store_path(config, "test", spec.store), spec.store_attrs)
+    store = open_store(paths.store_path(config, "test", spec.store), {**spec.store_attrs, **dataset.attrs()})
 
     size = config.score.batch_size
     mine = distributed.shard(-(-len(store) // size))
@@ -43,7 +45,9 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL, model_dir: str
     if not distributed.is_main():
         return {}, ""
     texts, unfinished = [t for share, _ in shares for t in share], sum(n for _, n in shares)
-    results = [{"image_id": int(i), "caption": c} for i, c in zip(store.image_ids, texts)]
+    # The file name too: vieCap4H and tables know their images by name, and their ids are viclip's numbering.
+    names = {r.image_id: r.path.name for r in dataset.splits["test"]}
+    results = [{"image_id": int(i), "file_name": names[int(i)], "caption": c} for i, c in zip(store.image_ids, texts)]
     predictions = {r["image_id"]: r["caption"] for r in results}
     scored = stored(references, store)
     by_protocol = score_captions(scored, predictions, chosen(config.score.protocol), str(store.path))
@@ -54,7 +58,7 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL, model_dir: str
             "the LM's context holds no more after the prefix (and the longest retrieval prompt)"
         )
 
-    metrics = laid_out(by_protocol, model=spec.name, split="test", images=len(scored), unfinished=unfinished,
+    metrics = laid_out(by_protocol, model=spec.name, **named(dataset), split="test", images=len(scored), unfinished=unfinished,
                        max_length=captions.max_length, notes=notes)
     write_json(paths.captions_path(config, spec.name), results)
     write_json(paths.metrics_path(config, spec.name), metrics)
@@ -66,6 +70,6 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL, model_dir: str
         )
     cider = ", ".join(f"{name} {block['cider']:.4f}" for name, block in by_protocol.items())
     return metrics, (
-        f"score {spec.name}: {len(results)} test images, CIDEr {cider}, {unfinished} unfinished "
+        f"score {spec.name}: {len(results)} {dataset.name} test images, CIDEr {cider}, {unfinished} unfinished "
         f"-> {paths.metrics_path(config, spec.name)} ({time.perf_counter() - started:.1f} s)"
     )

@@ -13,7 +13,7 @@ from pipeline.core import distributed, paths, registry
 from pipeline.core.config import Config, dump_config
 from pipeline.core.devices import best_device, hardware
 from pipeline.core.io import atomic_path, write_json, write_text
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_dataset
 from pipeline.data.features import open_store
 from pipeline.encoders import encoder_attrs
 from pipeline.models import CONFIG, build_model, spec_for
@@ -29,9 +29,12 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL) -> str:
     store = registry.STORES[registry.model(model_name).store]
     seed_everything(config.train.seed)
     device = best_device()
-    records = load_splits(config.data)
+    dataset = load_dataset(config.data)
+    records = dataset.splits
+    # The model records its encoder's attributes, not the dataset's: it may caption (and score) any images.
     expected = encoder_attrs(store.encoder, getattr(config, store.name))
-    stores = {split: open_store(paths.store_path(config, split, store.name), expected) for split in ("train", "val")}
+    stores = {split: open_store(paths.store_path(config, split, store.name), {**expected, **dataset.attrs()})
+              for split in ("train", "val")}
     attrs = {**expected, "embedding_dim": stores["train"].attrs["embedding_dim"]}
 
     model = build_model(model_name, config, records["train"], stores["train"], attrs, device)
@@ -43,6 +46,7 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL) -> str:
     validation = objective.columns[1]
     if distributed.is_main():
         spec = spec_for(model_name, config, model, attrs, {
+            "dataset": dataset.name,
             "trainable_parameters": trainable_parameters(model),
             "epochs": state.epoch,
             "best_epoch": state.best_epoch,
@@ -63,7 +67,7 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL) -> str:
     stopped = f", stopped early at epoch {state.epoch}" if state.epoch < run.settings.epochs else ""
     began = f" (from {start['model']}: {state.first_value:.4f})" if start else ""
     return (
-        f"train {model_name}: {len(objective.data['train'])} {'images' if start else 'captions'}, "
+        f"train {model_name}: {dataset.name}, {len(objective.data['train'])} {'images' if start else 'captions'}, "
         f"{trainable_parameters(model):,} trainable parameters, best {validation.replace('_', ' ')} "
         f"{state.best_value:.4f}{began} (epoch {state.best_epoch}{stopped}) -> {paths.model_dir(config, model_name)} "
         f"({time.perf_counter() - started:.1f} s)"

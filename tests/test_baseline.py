@@ -15,7 +15,7 @@ from pipeline.cli import app
 from pipeline.core import paths, registry
 from pipeline.core.config import load_config
 from pipeline.core.errors import ViclipError
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_splits
 from pipeline.encoders.cnn import load_cnn
 from pipeline.evaluation import metrics
 from pipeline.evaluation.report import display_name

@@ -13,7 +13,7 @@ import torch
 
 from benchmarks import reference
 from pipeline.core import paths, registry
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_splits
 from pipeline.data.features import open_store
 from pipeline.decoding.beam import beam_search
 from pipeline.encoders.clip import load_clip

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.core.config import DataConfig
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_splits
 from pipeline.demo.synthetic import make_dataset
 from pipeline.demo.tiny import make_tiny_lm
 from pipeline.models.viclipcap.lm import load_lm

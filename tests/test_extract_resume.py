@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import pipeline.data.chunks
 from pipeline.cli import app
 from pipeline.core.config import dump_config, load_config
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_splits
 from pipeline.data.features import FeatureStore, open_store
 from pipeline.demo.synthetic import make_dataset
 

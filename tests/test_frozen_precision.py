@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from pipeline.core import devices, paths
 from pipeline.core.config import LoraSettings, MapperConfig
 from pipeline.core.errors import ViclipError
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_splits
 from pipeline.data.features import open_store
 from pipeline.decoding.beam import beam_search
 from pipeline.models import load_model

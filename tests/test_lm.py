@@ -19,7 +19,7 @@ from pipeline.cli import app
 from pipeline.core import paths
 from pipeline.core.config import dump_config, load_config
 from pipeline.core.errors import ViclipError
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_splits
 from pipeline.data.features import open_store
 from pipeline.decoding.beam import beam_search
 from pipeline.demo import mean_length

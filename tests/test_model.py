@@ -137,7 +137,7 @@ def test_training_is_deterministic_for_a_seed(demo, config, tmp_path):
 
 
 def test_caption_sets_cut_batches_to_the_longest_caption(demo, config):
-    from pipeline.data.annotations import load_splits
+    from pipeline.data.datasets import load_splits
 
     with chdir(demo):
         lm = load_lm(config.lm.name, config.lm.stop, CPU)

@@ -13,7 +13,7 @@ import torch
 from pipeline.core import paths
 from pipeline.core.config import RetrievalConfig
 from pipeline.core.errors import ViclipError
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_splits
 from pipeline.data.features import open_store
 from pipeline.decoding.beam import beam_search, caption_features
 from pipeline.evaluation.metrics import score_captions

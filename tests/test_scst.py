@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from pipeline.core import paths
 from pipeline.core.io import read_json
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import load_splits
 from pipeline.data.features import open_store
 from pipeline.decoding.beam import caption_features
 from pipeline.decoding.sampling import sample

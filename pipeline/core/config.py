@@ -22,10 +22,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+DataFormat = Literal["ktvic", "uitviic", "viecap4h", "coco", "table"]  # pipeline.data.datasets.FORMATS
+
+
 class DataConfig(_Section):
-    root: str  # a KTVIC folder, original or re-packaged layout
+    root: str  # a dataset's folder (or a table file): KTVIC, UIT-ViIC, vieCap4H, COCO captions or a table
     val_fraction: float = Field(gt=0, lt=1)  # of train images carved out for validation
-    seed: int  # fixes which train images go to validation
+    seed: int  # fixes which images are carved out
+    # Optional, as they came after params files that lack them. The dataset's format where detection is
+    # ambiguous (null: detected); the share of images carved out of train for a test split, for a dataset
+    # without one (vieCap4H, a table without a split column).
+    format: DataFormat | None = None
+    test_fraction: float = Field(default=0.1, gt=0, lt=1)
 
 
 class ClipConfig(_Section):

@@ -1,43 +1,37 @@
-"""KTVIC (and any COCO-like Vietnamese caption set in its layout): images and their captions.
+"""Caption files, read into image records: COCO-like JSON (KTVIC's, UIT-ViIC's, any COCO captions file),
+vieCap4H's challenge JSON, and plain tables (CSV or JSON Lines). `pipeline.data.datasets` says which files
+a dataset's folder holds and which reader each takes (docs/conventions.md, "Datasets").
 
-Two layouts are in circulation (docs/conventions.md, "KTVIC layouts"); both are
-read. Captions are normalised to Unicode NFC and lowercase here, once, so every
-later stage sees the same text. A validation split is carved out of train by
-image, never by caption, with a fixed seed.
+Captions are normalised here, once, so every later stage sees the same text. Every reader fails in one
+line naming the file and the entry or line at fault.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import unicodedata
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from pipeline.core.config import DataConfig
 from pipeline.core.errors import ViclipError
 
-SPLITS = ("train", "val", "test")
-
-# layout name -> source split -> (annotation file, image folder), relative to the data root
-LAYOUTS: dict[str, dict[str, tuple[str, str]]] = {
-    "original": {
-        "train": ("train_data.json", "train-images"),
-        "test": ("test_data.json", "public-test-images"),
-    },
-    "repackaged": {
-        "train": ("annotations/train_caption.json", "images/train"),
-        "test": ("annotations/test_caption.json", "images/test"),
-    },
-}
+# A caption file's image names, resolved to files: (path, None), or (the name under the root, why not).
+Resolve = Callable[[str], tuple[Path, str | None]]
+TABLE_SUFFIXES = (".csv", ".jsonl")
+TABLE_COLUMNS = ("image", "caption")  # and an optional "split"
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    image_id: int
+    image_id: int  # unique within its dataset, across its splits
     path: Path
     captions: tuple[str, ...]
+    problem: str | None = None  # why `path` cannot be used (its name found nowhere, or twice); None: it can
 
 
 def caption_text(text: str) -> str:
@@ -49,22 +43,43 @@ def caption_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).lower().split())
 
 
-def find_layout(root: str | Path) -> dict[str, tuple[Path, Path]]:
-    """The (annotation file, image folder) of each source split under `root`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ViclipError(f"{root}: data root not found (set data.root in params.yaml)")
-    for layout in LAYOUTS.values():
-        files = {split: (root / ann, root / images) for split, (ann, images) in layout.items()}
-        if all(ann.is_file() for ann, _ in files.values()):
-            return files
-    expected = " or ".join(
-        "+".join(ann for ann, _ in layout.values()) for layout in LAYOUTS.values()
-    )
-    raise ViclipError(f"{root}: not a KTVIC folder (expected {expected})")
+class ImageFinder:
+    """Image files found by name anywhere under a dataset's folder (links followed), for the formats whose
+    files name images without their folder: UIT-ViIC's images stay in COCO's `train2017/` and `val2017/`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._by_name: dict[str, list[Path]] | None = None
+
+    def _index(self) -> dict[str, list[Path]]:
+        if self._by_name is None:
+            self._by_name = defaultdict(list)
+            for folder, _, names in os.walk(self.root, followlinks=True):
+                for name in names:
+                    self._by_name[name].append(Path(folder) / name)
+        return self._by_name
+
+    def __call__(self, name: str) -> tuple[Path, str | None]:
+        """The file `name` names: a path with folders, relative to the root, where it exists; otherwise the one
+        file of its name under the root. Where there is none, or more than one, the reason instead."""
+        given = Path(name)
+        if len(given.parts) > 1 and (self.root / given).is_file():
+            return self.root / given, None
+        found = sorted(self._index().get(given.name, []))
+        if len(found) == 1:
+            return found[0], None
+        if not found:
+            return self.root / given, f"not found under {self.root}"
+        where = ", ".join(str(path.relative_to(self.root)) for path in found[:3])
+        return self.root / given, f"found {len(found)} times under {self.root} ({where})"
 
 
-def _field(entry: object, key: str, kind: type, where: str) -> object:
+def in_folder(folder: Path) -> Resolve:
+    """Image names resolved in one folder, as KTVIC's files name theirs."""
+    return lambda name: (folder / name, None)
+
+
+def _field(entry: object, key: str, kind: type, where: str) -> Any:
     if not isinstance(entry, dict) or key not in entry:
         raise ViclipError(f"{where}: missing key '{key}'")
     value = entry[key]
@@ -73,64 +88,158 @@ def _field(entry: object, key: str, kind: type, where: str) -> object:
     return value
 
 
-def read_annotations(annotation_file: Path, image_dir: Path) -> list[ImageRecord]:
-    """Every image of one annotation file with its captions, in the file's order."""
+def _caption(text: str, where: str) -> str:
+    caption = caption_text(text)
+    if not caption:
+        raise ViclipError(f"{where}: empty caption")
+    return caption
+
+
+def _json(path: Path) -> Any:
     try:
-        raw = json.loads(annotation_file.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
-        raise ViclipError(f"{annotation_file}: not valid JSON ({error})") from None
+        raise ViclipError(f"{path}: not valid JSON ({error})") from None
     except UnicodeDecodeError:
-        raise ViclipError(f"{annotation_file}: not UTF-8 text") from None
+        raise ViclipError(f"{path}: not UTF-8 text") from None
+
+
+def _record(image_id: int, resolved: tuple[Path, str | None], captions: list[str]) -> ImageRecord:
+    path, problem = resolved
+    return ImageRecord(image_id, path, tuple(captions), problem)
+
+
+def read_coco(path: Path, resolve: Resolve, file_key: str = "file_name",
+              splits: bool = False) -> dict[str, list[ImageRecord]]:
+    """A COCO-like captions file: `images` (`id`, and the file name under `file_key`: COCO's `file_name`,
+    KTVIC's `filename`) and `annotations` (`image_id`, `caption`). Its images in the file's order, under the
+    split each one's `split` field names where `splits` (Karpathy's `restval` is training data), else
+    under "all"."""
+    raw = _json(path)
     for key in ("images", "annotations"):
         if not isinstance(raw, dict) or not isinstance(raw.get(key), list):
-            raise ViclipError(f"{annotation_file}: missing key '{key}' (a list)")
+            raise ViclipError(f"{path}: missing key '{key}' (a list)")
 
-    filenames: dict[int, str] = {}
+    images: dict[int, tuple[str, str]] = {}  # id -> (file name, split)
     for n, image in enumerate(raw["images"]):
-        where = f"{annotation_file}: images[{n}]"
+        where = f"{path}: images[{n}]"
         image_id = _field(image, "id", int, where)
-        if image_id in filenames:
+        if image_id in images:
             raise ViclipError(f"{where}: duplicate image id {image_id}")
-        filenames[image_id] = _field(image, "filename", str, where)
+        split = "all"
+        if splits:
+            split = {"restval": "train"}.get(_field(image, "split", str, where), image["split"])
+            if split not in ("train", "val", "test"):
+                raise ViclipError(f"{where}: 'split' should be train, val, test or restval, got {image['split']!r}")
+        images[image_id] = (_field(image, file_key, str, where), split)
 
-    captions: dict[int, list[str]] = {image_id: [] for image_id in filenames}
+    captions: dict[int, list[str]] = {image_id: [] for image_id in images}
     for n, annotation in enumerate(raw["annotations"]):
-        where = f"{annotation_file}: annotations[{n}]"
+        where = f"{path}: annotations[{n}]"
         image_id = _field(annotation, "image_id", int, where)
-        caption = caption_text(_field(annotation, "caption", str, where))
         if image_id not in captions:
             raise ViclipError(f"{where}: caption points at unknown image id {image_id}")
-        if not caption:
-            raise ViclipError(f"{where}: empty caption for image id {image_id}")
-        captions[image_id].append(caption)
+        captions[image_id].append(_caption(_field(annotation, "caption", str, where), where))
 
-    for image_id, texts in captions.items():
-        if not texts:
-            raise ViclipError(
-                f"{annotation_file}: image id {image_id} ({filenames[image_id]}) has no captions"
-            )
-    return [
-        ImageRecord(image_id, image_dir / filenames[image_id], tuple(captions[image_id]))
-        for image_id in filenames
-    ]
+    records: dict[str, list[ImageRecord]] = defaultdict(list)
+    for image_id, (name, split) in images.items():
+        if not captions[image_id]:
+            raise ViclipError(f"{path}: image id {image_id} ({name}) has no captions")
+        records[split].append(_record(image_id, resolve(name), captions[image_id]))
+    return dict(records)
 
 
-def validation_ids(image_ids: list[int], fraction: float, seed: int) -> set[int]:
-    """The train images held out for validation: a seeded draw over sorted ids."""
-    ordered = np.array(sorted(image_ids))
-    count = max(1, round(len(ordered) * fraction))
-    chosen = np.random.default_rng(seed).permutation(len(ordered))[:count]
-    return set(ordered[chosen].tolist())
+def read_viecap4h(path: Path, resolve: Resolve) -> list[ImageRecord]:
+    """vieCap4H's challenge JSON: a list of {"id": the image's file name, "captions": its captions, one a line}.
+    Image ids are given by file name order, so they do not depend on the file's order."""
+    raw = _json(path)
+    if not isinstance(raw, list):
+        raise ViclipError(f"{path}: expected a JSON list of {{\"id\", \"captions\"}}")
+    captions: dict[str, list[str]] = {}
+    for n, entry in enumerate(raw):
+        where = f"{path}: [{n}]"
+        name = _field(entry, "id", str, where)
+        if name in captions:
+            raise ViclipError(f"{where}: image {name} listed twice")
+        lines = [caption_text(line) for line in _field(entry, "captions", str, where).splitlines()]
+        captions[name] = [line for line in lines if line]
+        if not captions[name]:
+            raise ViclipError(f"{where}: empty caption")
+    return _numbered(captions, resolve)["all"]
 
 
-def load_splits(config: DataConfig) -> dict[str, list[ImageRecord]]:
-    """train / val / test records; val is carved out of the source train split."""
-    files = find_layout(config.root)
-    train = read_annotations(*files["train"])
-    test = read_annotations(*files["test"])
-    held_out = validation_ids([r.image_id for r in train], config.val_fraction, config.seed)
-    return {
-        "train": [r for r in train if r.image_id not in held_out],
-        "val": [r for r in train if r.image_id in held_out],
-        "test": test,
-    }
+def _numbered(captions: dict[str, list[str]], resolve: Resolve,
+              splits: dict[str, str] | None = None) -> dict[str, list[ImageRecord]]:
+    """Records of images known by name alone, numbered in name order, under their split ("all" without)."""
+    records: dict[str, list[ImageRecord]] = defaultdict(list)
+    for image_id, name in enumerate(sorted(captions)):
+        split = splits[name] if splits else "all"
+        records[split].append(_record(image_id, resolve(name), captions[name]))
+    return dict(records)
+
+
+def _same_files(captions: dict[str, list[str]], splits: dict[str, str], resolve: Resolve,
+                path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Rows that name one file two ways (`pics/a.jpg`, `a.jpg`) merged under its first name."""
+    first: dict[Path, str] = {}
+    merged: dict[str, list[str]] = {}
+    for name, texts in captions.items():
+        found, problem = resolve(name)
+        key = first.setdefault(found, name) if problem is None else name
+        if key != name and splits.get(key) != splits.get(name):
+            raise ViclipError(f"{path}: {name} and {key} are one file, in {splits.get(name)} and {splits.get(key)}")
+        merged.setdefault(key, []).extend(texts)
+    return merged, {name: split for name, split in splits.items() if name in merged}
+
+
+def _table_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for each row of a CSV (header first; a byte-order mark and CRLF line ends allowed) or
+    JSON Lines table (blank lines skipped)."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            if path.suffix.lower() == ".csv":
+                reader = csv.DictReader(file)
+                header = reader.fieldnames or []
+                for column in TABLE_COLUMNS:
+                    if column not in header:
+                        raise ViclipError(f"{path}: no '{column}' column in its header ({', '.join(header)})")
+                for row in reader:
+                    # A short row's missing cells are None, a long row's extra ones under None: both dropped.
+                    yield f"{path}: line {reader.line_num}", {k: v for k, v in row.items() if None not in (k, v)}
+                return
+            for number, line in enumerate(file, 1):
+                if line.strip():
+                    try:
+                        yield f"{path}: line {number}", json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise ViclipError(f"{path}: line {number}: not valid JSON ({error})") from None
+    except UnicodeDecodeError:
+        raise ViclipError(f"{path}: not UTF-8 text") from None
+    except csv.Error as error:
+        raise ViclipError(f"{path}: not a readable CSV table ({error})") from None
+
+
+def read_table(path: Path, resolve: Resolve) -> dict[str, list[ImageRecord]]:
+    """A plain table, one caption a row: `image` (a path under the dataset's folder, or a file name found
+    there), `caption`, and an optional `split` (train, val or test; an image's rows agree). Images are
+    numbered in name order; without a split column every image is under "all"."""
+    captions: dict[str, list[str]] = defaultdict(list)
+    splits: dict[str, str] = {}
+    for where, row in _table_rows(path):
+        image, caption = (_field(row, column, str, where) for column in TABLE_COLUMNS)
+        if not image.strip():
+            raise ViclipError(f"{where}: empty 'image'")
+        captions[image].append(_caption(caption, where))
+        if isinstance(row, dict) and row.get("split") not in (None, ""):
+            split = _field(row, "split", str, where)
+            if split not in ("train", "val", "test"):
+                raise ViclipError(f"{where}: 'split' should be train, val or test, got {split!r}")
+            if splits.setdefault(image, split) != split:
+                raise ViclipError(f"{where}: {image} is in {splits[image]} on an earlier line and in {split} here")
+    if not captions:
+        raise ViclipError(f"{path}: no rows")
+    unsplit = [image for image in captions if image not in splits]
+    if splits and unsplit:
+        raise ViclipError(f"{path}: {unsplit[0]} has no 'split' where other images have one")
+    captions, splits = _same_files(captions, splits, resolve, path)
+    return _numbered(captions, resolve, splits or None)

@@ -26,7 +26,8 @@ from pipeline.core import paths, registry
 from pipeline.core.config import dump_config, load_config, parse_config, yaml_parser
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import read_json, write_json, write_text
-from pipeline.data.annotations import ImageRecord, find_layout, load_splits, read_annotations
+from pipeline.data.annotations import ImageRecord
+from pipeline.data.datasets import load_splits, read_source
 from pipeline.demo.synthetic import caption_groups, make_dataset
 from pipeline.demo.tiny import TINY_CLIP, TINY_CNN, make_tiny_clip, make_tiny_cnn, make_tiny_lm
 from pipeline.evaluation.metrics import format_tables
@@ -92,7 +93,7 @@ def prepare(workdir: Path, train_images: int = 400, test_images: int = 80,
     workdir.mkdir(parents=True, exist_ok=True)
     params = demo_params(overrides)
     root = make_dataset(workdir / params["data"]["root"], train_images, test_images)
-    train = read_annotations(*find_layout(root)["train"])
+    train = read_source(root).splits["train"]
     make_tiny_clip(workdir / "models/clip", [(r.path, c) for r in train for c in r.captions])
     make_tiny_cnn(workdir / "models/cnn")
     make_tiny_lm(caption_groups(root), workdir / params["lm"]["name"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data.annotations import LAYOUTS, find_layout, read_annotations
+from pipeline.data.datasets import LAYOUTS, read_source
 
 SHAPES = {"circle": "hình tròn", "square": "hình vuông", "triangle": "hình tam giác"}
 COLOURS = {"đỏ": (220, 40, 40), "xanh lá": (40, 170, 60), "xanh dương": (40, 80, 220), "vàng": (235, 200, 30)}
@@ -110,4 +110,4 @@ def make_dataset(
 
 def caption_groups(root: str | Path) -> list[list[str]]:
     """Each training image's normalised captions, to train a tokenizer and pre-train a tiny LM on."""
-    return [list(r.captions) for r in read_annotations(*find_layout(root)["train"])]
+    return [list(r.captions) for r in read_source(root).splits["train"]]

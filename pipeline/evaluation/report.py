@@ -62,6 +62,7 @@ REPORTED: dict[str, dict[str, float]] = {
     },
 }
 
+REPORTED_ON = "KTVIC"  # the dataset REPORTED was scored on: shown beside a run on it alone
 REPORTED_SUFFIX = " (reported)"
 MISSING_RUN = "n/a"  # a metric this run could not compute (its notes say why)
 MISSING_REPORTED = "—"  # a metric the paper does not give
@@ -110,8 +111,10 @@ COMPARES_WITH = {
 
 @dataclass(frozen=True)
 class SharedRun:
-    """What every metrics file agrees on: the split, the image count, and each protocol's figures."""
+    """What every metrics file agrees on: the dataset, the split, the image count, and each protocol's figures."""
     models: list[str]  # in display order
+    dataset: str | None  # None: files from before datasets other than KTVIC were read
+    splits: str | None  # how the dataset's splits came about
     split: str
     images: int
     protocols: dict[str, dict[str, Scores]]  # protocol name -> model -> its block (figures, protocol, notes)
@@ -127,14 +130,21 @@ def _shared_run(metrics: Mapping[str, Mapping[str, Any]]) -> SharedRun:
         raise ViclipError(f"comparison: no model's metrics to compare {BASELINE} with")
     models = display_order(metrics)
     files = [metrics[model] for model in models]
-    for field in ("split", "images"):
+    for field in ("dataset", "split", "images"):
         values = {repr(f.get(field)) for f in files}
         if len(values) > 1:
             raise ViclipError(f"comparison: the metrics files disagree on {field} ({' vs '.join(sorted(values))})")
     protocols, unshared = shared_protocols({model: metrics[model] for model in models})
     if not protocols:
         raise ViclipError("comparison: the metrics files share no scoring protocol")
-    return SharedRun(models, files[0].get("split"), files[0].get("images"), dict(protocols), unshared)
+    first = files[0]
+    return SharedRun(models, first.get("dataset"), first.get("splits"), first.get("split"), first.get("images"),
+                     dict(protocols), unshared)
+
+
+def _reported_beside(run: SharedRun, reported: Mapping[str, Scores]) -> Mapping[str, Scores]:
+    """The published figures, where the run scored the dataset they were scored on."""
+    return reported if run.dataset in (None, REPORTED_ON) else {}
 
 
 def _cell(value: float | None, missing: str, bold: bool = False) -> str:
@@ -275,13 +285,15 @@ def comparison_markdown(
 ) -> str:
     """The Markdown report: a metrics table per protocol, the models, the notes, the chart."""
     run = _shared_run(metrics)
+    reported = _reported_beside(run, reported)
     title = _title(run.models)
     scorers = {str((runs[model].get("protocol") or {}).get("scorers")) for runs in run.protocols.values()
                for model in runs}
     lines = [
         f"# {title}",
         "",
-        f"Split `{run.split}`, {run.images:,} images; {len(run.models)} models scored under the same protocols "
+        f"{run.dataset or REPORTED_ON}, split `{run.split}`, {run.images:,} images"
+        f"{f' ({run.splits})' if run.splits else ''}; {len(run.models)} models scored under the same protocols "
         f"({', '.join(run.protocols)}).",
         "",
         *(line for name, runs in run.protocols.items() for line in _protocol_section(name, runs, reported)),
@@ -298,7 +310,7 @@ def comparison_markdown(
         *(f"- Scorers: {s}" for s in sorted(scorers)),
         *_note_bullets(metrics, run),
         "",
-        f"![{title}: this run and reported]({chart})",
+        f"![{title}: this run{' and reported' if reported else ''}]({chart})",
         "",
     ]
     return "\n".join(lines)
@@ -316,7 +328,7 @@ def bar_chart(
 
     run = _shared_run(metrics)
     protocol, runs = next(iter(run.protocols.items()))
-    reported = _reported_for(protocol, reported)
+    reported = _reported_for(protocol, _reported_beside(run, reported))
     palette = display_order({*run.models, *reported})
     shown = [(key, label) for key, label in ROWS if any(scores.get(key) is not None for scores in runs.values())]
     series = [(display_name(model), runs[model], {}, _colour(model, palette)) for model in run.models]
@@ -337,7 +349,8 @@ def bar_chart(
                 ax.bar(xs, heights, width, label=name, color=colour, edgecolor=colour, **style)
         ax.set_xticks(range(len(shown)), [label for _, label in shown])
         ax.set_ylabel("score")
-        ax.set_title(f"{_title(run.models)}: {run.split} split, {run.images:,} images, {protocol} protocol")
+        ax.set_title(f"{_title(run.models)}: {run.dataset or REPORTED_ON} {run.split} split, {run.images:,} images, "
+                     f"{protocol} protocol")
         fig.legend(loc="outside lower center", ncols=min(len(series), 4))
         with atomic_path(path) as partial:
             fig.savefig(partial, format="png", dpi=120)

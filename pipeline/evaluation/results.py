@@ -12,14 +12,20 @@ from pipeline.core import paths
 from pipeline.core.config import Config
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import read_json
-from pipeline.data.annotations import load_splits
+from pipeline.data.datasets import Dataset, load_dataset
 from pipeline.data.features import FeatureStore, open_store
 from pipeline.evaluation.metrics import laid_out, score_captions
 from pipeline.evaluation.protocols import chosen
 
 
-def test_references(config: Config) -> dict[int, list[str]]:
-    return {r.image_id: list(r.captions) for r in load_splits(config.data)["test"]}
+def test_references(dataset: Dataset) -> dict[int, list[str]]:
+    """Each test image's references: as many as the dataset gives it (one in vieCap4H, five in KTVIC)."""
+    return {r.image_id: list(r.captions) for r in dataset.splits["test"]}
+
+
+def named(dataset: Dataset) -> dict[str, str]:
+    """The fields a metrics file names the dataset scored by, and how its splits came about."""
+    return {"dataset": dataset.name, "splits": dataset.made}
 
 
 def read_results(path: str | Path) -> dict[int, str]:
@@ -51,15 +57,17 @@ def score_file(config: Config, captions_file: str | Path, protocol: str | None =
 
     Where a CLIP store of the test split exists, only its images are scored (the set `viclip score`
     decodes): captions of images that extraction skipped as unreadable are dropped and counted."""
-    references = test_references(config)
+    dataset = load_dataset(config.data)
+    references = test_references(dataset)
     predictions = read_results(captions_file)
     dropped: list[int] = []
     store = paths.store_path(config, "test")
     if store.is_file():
-        scored = stored(references, open_store(store, {}))
+        scored = stored(references, open_store(store, dataset.attrs()))
         dropped = [i for i in predictions if i in references and i not in scored]
         references = scored
         predictions = {i: c for i, c in predictions.items() if i not in dropped}
     by_protocol = score_captions(references, predictions, chosen(protocol or config.score.protocol),
                                  str(captions_file))
-    return laid_out(by_protocol, model=Path(captions_file).name, split="test", images=len(references), dropped=len(dropped))
+    return laid_out(by_protocol, model=Path(captions_file).name, **named(dataset), split="test",
+                    images=len(references), dropped=len(dropped))

@@ -17,7 +17,7 @@ from pipeline.core.config import Config
 from pipeline.core.devices import best_device
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import read_json
-from pipeline.data.annotations import find_layout, read_annotations
+from pipeline.data.datasets import load_splits
 from pipeline.decoding.inference import LoadedModel
 from pipeline.serve.app import Limits, Served, create_app
 
@@ -43,8 +43,8 @@ def load_served(config: Config, names: list[str]) -> Served:
 def _samples(config: Config):
     """The first few test-split images, where the data is at hand: images the models were made for."""
     try:
-        test = find_layout(config.data.root)["test"]
-        return tuple(record.path.resolve() for record in read_annotations(*test)[:SAMPLES] if record.path.is_file())
+        test = load_splits(config.data)["test"]
+        return tuple(record.path.resolve() for record in test[:SAMPLES] if record.path.is_file())
     except ViclipError:
         return ()
 

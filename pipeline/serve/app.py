@@ -210,6 +210,7 @@ def describe(loaded: LoadedModel, metrics: dict[str, Any] | None, root: Path | N
         "lm": None if lm is None else {"name": lm.name, "stop": lm.stop, "train": lm.train},
         "precision": {"training": spec.training.get("precision"), "decoding": "fp32"},
         "trainable_parameters": spec.training.get("trainable_parameters"),
+        "trained_on": spec.training.get("dataset"),  # None: trained before viclip read datasets other than KTVIC
         "device": str(loaded.device),
         "test_metrics": metrics,
     }, root)

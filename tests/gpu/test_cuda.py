@@ -33,7 +33,7 @@ from pipeline.core import devices, paths, registry
 from pipeline.core.config import Config, TrainSettings, parse_config
 from pipeline.core.devices import autocast
 from pipeline.core.io import read_json
-from pipeline.data.annotations import find_layout, load_splits, read_annotations
+from pipeline.data.datasets import load_splits, read_source
 from pipeline.data.features import open_store
 from pipeline.decoding.beam import caption_features
 from pipeline.demo import demo_params
@@ -98,7 +98,7 @@ def build_project(root: Path, tiny: Path | None = None) -> dict[str, Any]:
     data = make_dataset(root / "ktvic", TRAIN_IMAGES, TEST_IMAGES)
     params = demo_params()
     if tiny is None:
-        train = read_annotations(*find_layout(data)["train"])
+        train = read_source(data).splits["train"]
         clip_config, clip_weights = make_tiny_clip(root / "models/clip", [(r.path, c) for r in train for c in r.captions])
         lm = make_tiny_lm(caption_groups(data), root / "models/lm")
     else:

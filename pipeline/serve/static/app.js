@@ -34,7 +34,7 @@ async function loadModels() {
     // Syllable figures sit at the top of a metrics file, word figures in its `word` block (README, protocols).
     const scored = m.test_metrics && (m.test_metrics.cider != null ? m.test_metrics : m.test_metrics.word);
     const cider = scored && scored.cider != null
-      ? `, test CIDEr ${scored.cider.toFixed(3)} (${(scored.protocol && scored.protocol.name) || "syllable"})` : "";
+      ? `, ${m.test_metrics.dataset || "KTVIC"} test CIDEr ${scored.cider.toFixed(3)} (${(scored.protocol && scored.protocol.name) || "syllable"})` : "";
     return `${m.display} (${m.encoder.name} encoder${cider})`;
   }).join(" and ");
   for (const [id, key, limit] of [["beam", "beam_size", "max_beam_size"], ["length", "max_length", "max_length"]]) {

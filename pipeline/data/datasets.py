@@ -1,0 +1,216 @@
+"""The captioning datasets viclip reads, each detected from the folder `data.root` names, or named by
+`data.format` (docs/conventions.md, "Datasets", says where each format was looked up):
+
+  ktvic     KTVIC, in either of its layouts: train and test
+  uitviic   UIT-ViIC: uitviic_captions_{train,val,test}2017.json, its images in COCO's folders
+  viecap4h  vieCap4H (VLSP 2021): train_captions.json, training only
+  coco      COCO captions: a file a split (train, val, test in its name), or one file whose images name their split
+  table     a CSV or JSON Lines table of image and caption (and split), in the folder or named by data.root
+
+A split a dataset lacks is carved by image, seeded: test out of train (test_fraction), then validation out
+of what train is left (val_fraction). Image ids are unique across a dataset's splits; a store holds one
+dataset's images and says which (`dataset`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.config import DataConfig
+from pipeline.core.errors import ViclipError
+from pipeline.data.annotations import (
+    TABLE_SUFFIXES, ImageFinder, ImageRecord, in_folder, read_coco, read_table, read_viecap4h,
+)
+
+SPLITS = ("train", "val", "test")
+
+# KTVIC: layout name -> source split -> (annotation file, image folder), relative to the data root
+LAYOUTS: dict[str, dict[str, tuple[str, str]]] = {
+    "original": {
+        "train": ("train_data.json", "train-images"),
+        "test": ("test_data.json", "public-test-images"),
+    },
+    "repackaged": {
+        "train": ("annotations/train_caption.json", "images/train"),
+        "test": ("annotations/test_caption.json", "images/test"),
+    },
+}
+ANNOTATION_FOLDERS = (".", "annotations")  # where COCO-format sets keep their files
+SPLIT_WORD = re.compile(r"(?<![a-z])(train|val|valid|validation|test)(?![a-z])")  # captions_val2017.json: val
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str | None  # the dataset's name, where the format is one dataset's; None: the folder's name
+    detect: Callable[[Path], Any]  # what under the root shows the format (its files), or None
+    read: Callable[[Path, Any], dict[str, list[ImageRecord]]]  # the records of each split the files give
+
+
+def _ktvic_files(root: Path) -> dict[str, tuple[Path, Path]] | None:
+    for layout in LAYOUTS.values():
+        files = {split: (root / ann, root / images) for split, (ann, images) in layout.items()}
+        if all(ann.is_file() for ann, _ in files.values()):
+            return files
+    return None
+
+
+def _read_ktvic(root: Path, files: dict[str, tuple[Path, Path]]) -> dict[str, list[ImageRecord]]:
+    return {split: read_coco(ann, in_folder(images), "filename")["all"] for split, (ann, images) in files.items()}
+
+
+def _uitviic_files(root: Path) -> dict[str, Path] | None:
+    for folder in ANNOTATION_FOLDERS:
+        files = {split: root / folder / f"uitviic_captions_{split}2017.json" for split in SPLITS}
+        if all(path.is_file() for path in files.values()):
+            return files
+    return None
+
+
+def _read_coco_files(root: Path, files: dict[str, Path] | Path) -> dict[str, list[ImageRecord]]:
+    find = ImageFinder(root)
+    if isinstance(files, Path):  # one file, each image naming its split
+        return read_coco(files, find, splits=True)
+    return {split: read_coco(path, find).get("all", []) for split, path in files.items()}
+
+
+def _viecap4h_file(root: Path) -> Path | None:
+    return root / "train_captions.json" if (root / "train_captions.json").is_file() else None
+
+
+def _coco_files(root: Path) -> dict[str, Path] | Path | None:
+    """A file a split, each named by its split (train required), or the one JSON file there is."""
+    found = sorted(path for folder in ANNOTATION_FOLDERS for path in (root / folder).glob("*.json"))
+    by_split: dict[str, list[Path]] = {}
+    for path in found:
+        words = {"valid": "val", "validation": "val"}
+        splits = {words.get(word, word) for word in SPLIT_WORD.findall(path.stem.lower())}
+        if len(splits) == 1:
+            by_split.setdefault(splits.pop(), []).append(path)
+    for split, paths in by_split.items():
+        if len(paths) > 1:
+            raise ViclipError(f"{root}: {len(paths)} {split} annotation files ({', '.join(p.name for p in paths)}); "
+                              "keep one")
+    if "train" in by_split:
+        return {split: paths[0] for split, paths in by_split.items()}
+    return found[0] if len(found) == 1 and not by_split else None
+
+
+def _table_file(root: Path) -> Path | None:
+    if root.is_file():
+        return root if root.suffix.lower() in TABLE_SUFFIXES else None
+    tables = sorted(path for path in root.iterdir() if path.suffix.lower() in TABLE_SUFFIXES and path.is_file())
+    if len(tables) > 1:
+        raise ViclipError(f"{root}: {len(tables)} tables ({', '.join(p.name for p in tables)}); "
+                          "set data.root to the one to read")
+    return tables[0] if tables else None
+
+
+def _read_table(root: Path, table: Path) -> dict[str, list[ImageRecord]]:
+    records = read_table(table, ImageFinder(table.parent))
+    return {"train": records["all"]} if "all" in records else records
+
+
+FORMATS: dict[str, Format] = {
+    "ktvic": Format("KTVIC", _ktvic_files, _read_ktvic),
+    "uitviic": Format("UIT-ViIC", _uitviic_files, _read_coco_files),
+    "viecap4h": Format("vieCap4H", _viecap4h_file,
+                       lambda root, path: {"train": read_viecap4h(path, ImageFinder(root))}),
+    "coco": Format(None, _coco_files, _read_coco_files),
+    "table": Format(None, _table_file, _read_table),
+}
+# Detected in this order: a named dataset's exact files first, the generic formats' looser signs after.
+NAMED = ("ktvic", "uitviic", "viecap4h")
+EXPECTED = ("KTVIC's train_data.json + test_data.json (or annotations/train_caption.json + test_caption.json), "
+            "UIT-ViIC's uitviic_captions_{train,val,test}2017.json, vieCap4H's train_captions.json, "
+            "COCO captions files or one CSV / JSON Lines table")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str  # KTVIC, UIT-ViIC, vieCap4H; a COCO-format set's or a table's folder name
+    format: str  # a FORMATS key
+    splits: dict[str, list[ImageRecord]]  # train, val, test
+    made: str  # how the splits came about: the dataset's own, or carved (which, how much, the seed)
+
+    def attrs(self) -> dict[str, str]:
+        """What a feature store of this dataset records, and readers check."""
+        return {"dataset": self.name}
+
+
+def _detect(root: Path, named: str | None) -> tuple[str, Any]:
+    """The format of the dataset at `root` (`named`, where data.format names one), and its files."""
+    if not root.exists():
+        raise ViclipError(f"{root}: data root not found (set data.root in params.yaml)")
+    if named is not None or root.is_file():
+        name = named or "table"
+        files = FORMATS[name].detect(root) if root.is_dir() or name == "table" else None
+        if files is None and root.is_file():
+            raise ViclipError(f"{root}: not a table (a .csv or .jsonl file), nor a folder")
+        if files is None:
+            raise ViclipError(f"{root}: not a {name} dataset (data.format); expected {EXPECTED}")
+        return name, files
+    for name in NAMED:
+        if (files := FORMATS[name].detect(root)) is not None:
+            return name, files
+    found = {name: files for name in ("coco", "table") if (files := FORMATS[name].detect(root)) is not None}
+    if len(found) > 1:
+        raise ViclipError(f"{root}: both COCO captions files and a table; set data.format to coco or table")
+    if not found:
+        raise ViclipError(f"{root}: no dataset found (expected {EXPECTED})")
+    return next(iter(found.items()))
+
+
+def read_source(root: str | Path, format: str | None = None) -> Dataset:
+    """The dataset under `root` as its files give it: the splits it has, nothing carved."""
+    root = Path(root)
+    name, files = _detect(root, format)
+    splits = FORMATS[name].read(root, files)
+    folder = root.parent if root.is_file() else root
+    return Dataset(FORMATS[name].name or folder.resolve().name, name, splits, "")
+
+
+def carved_ids(image_ids: list[int], fraction: float, seed: int) -> set[int]:
+    """The images held out: a seeded draw of `fraction` of them (at least one) over sorted ids."""
+    ordered = np.array(sorted(image_ids))
+    count = max(1, round(len(ordered) * fraction))
+    chosen = np.random.default_rng(seed).permutation(len(ordered))[:count]
+    return set(ordered[chosen].tolist())
+
+
+def _check_ids(splits: dict[str, list[ImageRecord]], root: str) -> None:
+    seen: dict[int, str] = {}
+    for split, records in splits.items():
+        for record in records:
+            if seen.setdefault(record.image_id, split) != split:
+                raise ViclipError(f"{root}: image id {record.image_id} is in both {seen[record.image_id]} and "
+                                  f"{split}; ids must be unique across a dataset's splits")
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """The dataset `config` names, with train, val and test: any split it lacks carved out of train by image."""
+    source = read_source(config.root, config.format)
+    splits, made = {split: list(source.splits.get(split, [])) for split in SPLITS}, []
+    _check_ids(source.splits, config.root)
+    for split, fraction in (("test", config.test_fraction), ("val", config.val_fraction)):
+        if split not in source.splits:
+            held = carved_ids([r.image_id for r in splits["train"]], fraction, config.seed)
+            splits[split] = [r for r in splits["train"] if r.image_id in held]
+            splits["train"] = [r for r in splits["train"] if r.image_id not in held]
+            made.append(f"{split} carved out of train by image ({fraction:g} of its images, seed {config.seed})")
+    for split, records in splits.items():
+        if not records:
+            raise ViclipError(f"{config.root}: no {split} images ({source.name} has "
+                              f"{sum(len(r) for r in source.splits.values())} in all)")
+    made_here = "; ".join(made) if made else "the dataset's own"
+    return Dataset(source.name, source.format, splits, f"{source.name} splits: {made_here}")
+
+
+def load_splits(config: DataConfig) -> dict[str, list[ImageRecord]]:
+    """train / val / test records of the dataset `config` names."""
+    return load_dataset(config).splits
