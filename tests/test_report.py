@@ -134,6 +134,7 @@ def test_report_states_split_models_protocol_notes_and_chart():
 
 @pytest.mark.parametrize("field, value", [
     ("images", 550), ("split", "val"), ("protocol", {**SYLLABLE, "tokenisation": "word-segmented"}),
+    ("dataset", "UIT-ViIC"),
 ])
 def test_runs_under_different_protocols_are_not_compared(field, value, tmp_path):
     with pytest.raises(ViclipError, match=f"disagree on {field}"):
@@ -141,6 +142,21 @@ def test_runs_under_different_protocols_are_not_compared(field, value, tmp_path)
     with pytest.raises(ViclipError, match=f"disagree on {field}"):
         bar_chart(metrics(**{field: value}), tmp_path / "comparison.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_another_datasets_run_is_named_and_shown_without_ktvics_published_figures(tmp_path, monkeypatch):
+    made = "UIT-ViIC splits: the dataset's own"
+    files = {name: {**file, "dataset": "UIT-ViIC", "splits": made} for name, file in metrics().items()}
+    markdown = comparison_markdown(files, MODELS)
+    assert f"UIT-ViIC, split `test`, 558 images ({made})" in markdown
+    assert header(markdown) == ["Metric", "CNN+LSTM", "ViCLIPCap"] and "(reported)" not in markdown
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", lambda self, *a, **k: drawn.append(
+        [t.get_label() for t in self.axes[0].containers]))
+    bar_chart(files, tmp_path / "comparison.png")
+    assert drawn == [["CNN+LSTM", "ViCLIPCap"]]
+    ktvic = {name: {**file, "dataset": "KTVIC"} for name, file in metrics().items()}
+    assert "(reported)" in comparison_markdown(ktvic, MODELS)
 
 
 def test_bar_chart_writes_a_png(tmp_path):

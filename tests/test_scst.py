@@ -4,6 +4,7 @@ from, learns with the LM untouched, and samples as the model decodes (on its cac
 from __future__ import annotations
 
 from contextlib import chdir
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,14 +12,16 @@ from safetensors.torch import load_file
 
 from pipeline.core import paths
 from pipeline.core.io import read_json
+from pipeline.data.annotations import ImageRecord
 from pipeline.data.datasets import load_splits
-from pipeline.data.features import open_store
+from pipeline.data.features import FeatureStore, open_store
 from pipeline.decoding.beam import caption_features
 from pipeline.decoding.sampling import sample
 from pipeline.evaluation.text import protocol_text
 from pipeline.models import load_model
 from pipeline.training import trainer
 from pipeline.training.scst import ImageSet, SelfCritical, advantages
+from tests.test_cider import pycocoevalcap_with_corpus_df
 
 CPU = torch.device("cpu")
 SCST = "viclipcap_scst"
@@ -78,6 +81,23 @@ def test_each_sample_is_judged_against_the_others():
     advantage = advantages(rewards)
     assert torch.allclose(advantage[0], torch.tensor([1.0 - 2.5, 2.0 - 2.0, 3.0 - 1.5]))
     assert torch.allclose(advantage.sum(1), torch.zeros(2)) and torch.equal(advantage[1], torch.zeros(3))
+
+
+def test_rewards_count_each_images_own_references_one_or_five():
+    """vieCap4H gives most images one reference, KTVIC five: each sample's reward is its CIDEr-D against its
+    own image's references, as pycocoevalcap computes it with the training images' document frequencies."""
+    texts = ["Một con mèo nằm trên ghế.", "hai người đi trên phố", "một bát phở trên bàn", "một chiếc xe máy đỏ",
+             "con chó chạy trên cỏ"]
+    records = [ImageRecord(10 + n, Path(f"{n}.jpg"), tuple(texts[n:n + count])) for n, count in enumerate([1, 5, 1, 2])]
+    store = FeatureStore(Path("memory"), np.array([13, 12, 11, 10]), {}, rows=np.eye(4, dtype=np.float32))
+    data = ImageSet.build(records, store, CPU)
+    assert torch.equal(data.features, torch.eye(4)[[3, 2, 1, 0]])  # each image's row, in records' order
+    samples = ["một con mèo nằm trên ghế", "hai người đi trên phố", "một chiếc xe", ""]
+    images = [0, 1, 3, 2]
+    rewards = data.cider.scores(samples, images)
+    references = [[protocol_text(c) for c in r.captions] for r in records]
+    np.testing.assert_allclose(rewards, pycocoevalcap_with_corpus_df(references, samples, np.array(images)), atol=1e-6)
+    assert rewards[0] > rewards[1] > 0 and rewards[3] == 0  # a lone reference matched word for word scores highest
 
 
 def test_scst_metrics_are_scored_like_the_others(demo, config):
