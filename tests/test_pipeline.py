@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.core.config import DECODING, dump_config, load_config, yaml_parser
 from pipeline.core.registry import MODELS, STORES
+from pipeline.data.datasets import load_splits
 from pipeline.demo import dvc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,11 @@ def test_outputs_record_what_produced_them(demo):
         assert load_config(demo / folder / "params.yaml") == load_config(demo / "params.yaml")
     for model in ("viclipcap", "cnn_lstm"):
         captions = json.loads((demo / f"artifacts/metrics/{model}.captions.json").read_text())
-        assert len(captions) == 80 and all(set(c) == {"image_id", "caption"} for c in captions)
+        assert len(captions) == 80 and all(set(c) == {"image_id", "file_name", "caption"} for c in captions)
+        test = {r.image_id: r.path.name for r in load_splits(load_config(demo / "params.yaml").data.model_copy(
+            update={"root": str(demo / "data/ktvic")}))["test"]}
+        assert {c["image_id"]: c["file_name"] for c in captions} == test
+    assert {json.loads((demo / f"artifacts/metrics/{m}.json").read_text())["dataset"] for m in MODELS} == {"KTVIC"}
 
 
 def test_dvc_shows_both_metrics_files_the_loss_plots_and_the_chart(demo_copy):

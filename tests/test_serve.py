@@ -104,6 +104,7 @@ def test_health_and_what_is_loaded(client, demo):
         assert described["trainable_parameters"] == config["training"]["trainable_parameters"] > 0
         assert described["precision"]["training"] == config["training"]["precision"]
         assert described["test_metrics"]["cider"] == metrics["cider"]
+        assert described["trained_on"] == described["test_metrics"]["dataset"] == "KTVIC"  # the demo's layout
         assert described["store"] == MODELS[model].store
         assert described["encoder"]["name"] == STORES[described["store"]].encoder
         assert described["display"] == display_name(model)

@@ -119,6 +119,8 @@ def read_coco(path: Path, resolve: Resolve, file_key: str = "file_name",
     for key in ("images", "annotations"):
         if not isinstance(raw, dict) or not isinstance(raw.get(key), list):
             raise ViclipError(f"{path}: missing key '{key}' (a list)")
+    if not raw["images"]:
+        raise ViclipError(f"{path}: no images")
 
     images: dict[int, tuple[str, str]] = {}  # id -> (file name, split)
     for n, image in enumerate(raw["images"]):
@@ -153,8 +155,8 @@ def read_viecap4h(path: Path, resolve: Resolve) -> list[ImageRecord]:
     """vieCap4H's challenge JSON: a list of {"id": the image's file name, "captions": its captions, one a line}.
     Image ids are given by file name order, so they do not depend on the file's order."""
     raw = _json(path)
-    if not isinstance(raw, list):
-        raise ViclipError(f"{path}: expected a JSON list of {{\"id\", \"captions\"}}")
+    if not isinstance(raw, list) or not raw:
+        raise ViclipError(f"{path}: expected a JSON list of {{\"id\", \"captions\"}}, one an image")
     captions: dict[str, list[str]] = {}
     for n, entry in enumerate(raw):
         where = f"{path}: [{n}]"
@@ -227,6 +229,7 @@ def read_table(path: Path, resolve: Resolve) -> dict[str, list[ImageRecord]]:
     splits: dict[str, str] = {}
     for where, row in _table_rows(path):
         image, caption = (_field(row, column, str, where) for column in TABLE_COLUMNS)
+        image = image.replace("\\", "/")  # a path written on Windows
         if not image.strip():
             raise ViclipError(f"{where}: empty 'image'")
         captions[image].append(_caption(caption, where))

@@ -86,6 +86,8 @@ def _viecap4h_file(root: Path) -> Path | None:
 def _coco_files(root: Path) -> dict[str, Path] | Path | None:
     """A file a split, each named by its split (train required), or the one JSON file there is."""
     found = sorted(path for folder in ANNOTATION_FOLDERS for path in (root / folder).glob("*.json"))
+    # COCO's own annotations folder holds instances_ and person_keypoints_ files beside the captions_ ones.
+    found = [path for path in found if "caption" in path.name.lower()] or found
     by_split: dict[str, list[Path]] = {}
     for path in found:
         words = {"valid": "val", "validation": "val"}
@@ -149,7 +151,9 @@ def _detect(root: Path, named: str | None) -> tuple[str, Any]:
         raise ViclipError(f"{root}: data root not found (set data.root in params.yaml)")
     if named is not None or root.is_file():
         name = named or "table"
-        files = FORMATS[name].detect(root) if root.is_dir() or name == "table" else None
+        if root.is_file() and name != "table":
+            raise ViclipError(f"{root}: a file, but data.format {name} reads a folder")
+        files = FORMATS[name].detect(root)
         if files is None and root.is_file():
             raise ViclipError(f"{root}: not a table (a .csv or .jsonl file), nor a folder")
         if files is None:
@@ -183,20 +187,26 @@ def carved_ids(image_ids: list[int], fraction: float, seed: int) -> set[int]:
     return set(ordered[chosen].tolist())
 
 
-def _check_ids(splits: dict[str, list[ImageRecord]], root: str) -> None:
-    seen: dict[int, str] = {}
+def _check_disjoint(splits: dict[str, list[ImageRecord]], root: str) -> None:
+    """No image id, and no image file, in two splits: ids name a dataset's images, and a test image that is
+    also trained on scores what was learnt by heart."""
+    ids: dict[int, str] = {}
+    files: dict[Path, str] = {}
     for split, records in splits.items():
         for record in records:
-            if seen.setdefault(record.image_id, split) != split:
-                raise ViclipError(f"{root}: image id {record.image_id} is in both {seen[record.image_id]} and "
+            if ids.setdefault(record.image_id, split) != split:
+                raise ViclipError(f"{root}: image id {record.image_id} is in both {ids[record.image_id]} and "
                                   f"{split}; ids must be unique across a dataset's splits")
+            if record.problem is None and files.setdefault(record.path, split) != split:
+                raise ViclipError(f"{root}: {record.path} is in both {files[record.path]} and {split} "
+                                  f"(image id {record.image_id} in {split})")
 
 
 def load_dataset(config: DataConfig) -> Dataset:
     """The dataset `config` names, with train, val and test: any split it lacks carved out of train by image."""
     source = read_source(config.root, config.format)
     splits, made = {split: list(source.splits.get(split, [])) for split in SPLITS}, []
-    _check_ids(source.splits, config.root)
+    _check_disjoint(source.splits, config.root)
     for split, fraction in (("test", config.test_fraction), ("val", config.val_fraction)):
         if split not in source.splits:
             held = carved_ids([r.image_id for r in splits["train"]], fraction, config.seed)

@@ -97,12 +97,18 @@ def prepare(workdir: Path, train_images: int = 400, test_images: int = 80,
     make_tiny_clip(workdir / "models/clip", [(r.path, c) for r in train for c in r.captions])
     make_tiny_cnn(workdir / "models/cnn")
     make_tiny_lm(caption_groups(root), workdir / params["lm"]["name"])
+    write_text(workdir / "params.yaml", dump_config(params))
+    return dvc_project(workdir)
+
+
+def dvc_project(workdir: Path) -> Path:
+    """Make `workdir`, which holds a params.yaml, a DVC project of this checkout's pipeline: its dvc.yaml, and
+    links to its code."""
     for name in CODE:
         link = workdir / name
         if not link.exists():
             link.symlink_to(_project_file(name), target_is_directory=True)
     shutil.copyfile(_project_file("dvc.yaml"), workdir / "dvc.yaml")
-    write_text(workdir / "params.yaml", dump_config(params))
     if not (workdir / ".dvc").is_dir():
         dvc(workdir, "init", "--no-scm", "--quiet")
     shutil.copyfile(_project_file(".dvcignore"), workdir / ".dvcignore")
