@@ -68,7 +68,10 @@ def test_a_compiled_step_trains_as_the_eager_one(capsys):
     eager_losses, eager = fit(tiny_captioner(), compiled=False)
     losses, weights = fit(tiny_captioner(), compiled=True)
     assert all(abs(a / b - 1) < 1e-4 for a, b in zip(losses, eager_losses)), (losses, eager_losses)
-    assert float((weights - eager).norm() / eager.norm()) < 1e-4
+    # Adam moves every weight by about the learning rate whatever its gradient's size, so a rounding difference
+    # in a near-zero gradient can flip a whole step: 8e-4 of the weights' norm after these six steps on one
+    # AMD EPYC, under 1e-4 on another CPU. The second epoch's loss above shows the weights compute the same.
+    assert float((weights - eager).norm() / eager.norm()) < 2e-3
     assert "test: first step, compiling it, took" in capsys.readouterr().err
 
 

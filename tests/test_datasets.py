@@ -167,6 +167,13 @@ def test_data_format_settles_an_ambiguous_folder(tmp_path):
     assert read_source(root / "more.jsonl").splits["train"][0].captions == ("một con mèo.",)
 
 
+def test_a_named_datasets_folder_missing_a_file_says_which(tmp_path):
+    root, _ = build(tmp_path, "uitviic")
+    (root / "uitviic_captions_val2017.json").unlink()
+    assert_raises(lambda: read_source(root), root, "not a UIT-ViIC folder: uitviic_captions_val2017.json missing "
+                  "(beside uitviic_captions_train2017.json, uitviic_captions_test2017.json)")
+
+
 def edit_json(file: str, change):
     def edit(root: Path) -> None:
         raw = json.loads((root / file).read_text(encoding="utf-8"))

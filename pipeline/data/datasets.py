@@ -43,6 +43,7 @@ LAYOUTS: dict[str, dict[str, tuple[str, str]]] = {
 }
 ANNOTATION_FOLDERS = (".", "annotations")  # where COCO-format sets keep their files
 SPLIT_WORD = re.compile(r"(?<![a-z])(train|val|valid|validation|test)(?![a-z])")  # captions_val2017.json: val
+SPLIT_NAMES = {"valid": "val", "validation": "val"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _read_coco_files(root: Path, files: dict[str, Path] | Path) -> dict[str, lis
     find = ImageFinder(root)
     if isinstance(files, Path):  # one file, each image naming its split
         return read_coco(files, find, splits=True)
-    return {split: read_coco(path, find).get("all", []) for split, path in files.items()}
+    return {split: read_coco(path, find)["all"] for split, path in files.items()}
 
 
 def _viecap4h_file(root: Path) -> Path | None:
@@ -90,8 +91,7 @@ def _coco_files(root: Path) -> dict[str, Path] | Path | None:
     found = [path for path in found if "caption" in path.name.lower()] or found
     by_split: dict[str, list[Path]] = {}
     for path in found:
-        words = {"valid": "val", "validation": "val"}
-        splits = {words.get(word, word) for word in SPLIT_WORD.findall(path.stem.lower())}
+        splits = {SPLIT_NAMES.get(word, word) for word in SPLIT_WORD.findall(path.stem.lower())}
         if len(splits) == 1:
             by_split.setdefault(splits.pop(), []).append(path)
     for split, paths in by_split.items():
@@ -162,12 +162,28 @@ def _detect(root: Path, named: str | None) -> tuple[str, Any]:
     for name in NAMED:
         if (files := FORMATS[name].detect(root)) is not None:
             return name, files
+    if partly := _partly(root):  # not read as a generic format: that would silently drop its official splits
+        raise ViclipError(f"{root}: {partly}")
     found = {name: files for name in ("coco", "table") if (files := FORMATS[name].detect(root)) is not None}
     if len(found) > 1:
         raise ViclipError(f"{root}: both COCO captions files and a table; set data.format to coco or table")
     if not found:
         raise ViclipError(f"{root}: no dataset found (expected {EXPECTED})")
     return next(iter(found.items()))
+
+
+def _partly(root: Path) -> str | None:
+    """What is missing where some of a named dataset's files are there and others are not."""
+    layouts = {"KTVIC": [[ann for ann, _ in layout.values()] for layout in LAYOUTS.values()],
+               "UIT-ViIC": [[f"{folder}/uitviic_captions_{split}2017.json".removeprefix("./") for split in SPLITS]
+                            for folder in ANNOTATION_FOLDERS]}
+    for name, file_sets in layouts.items():
+        for files in file_sets:
+            there = [file for file in files if (root / file).is_file()]
+            if there:
+                missing = [file for file in files if file not in there]
+                return f"not a {name} folder: {', '.join(missing)} missing (beside {', '.join(there)})"
+    return None
 
 
 def read_source(root: str | Path, format: str | None = None) -> Dataset:
