@@ -15,8 +15,8 @@ from pipeline.core.config import Config, dump_config
 from pipeline.core.devices import best_device
 from pipeline.core.errors import ViclipError
 from pipeline.core.io import write_text
-from pipeline.data.datasets import SPLITS, load_dataset
 from pipeline.data.chunks import SplitChunks
+from pipeline.data.datasets import SPLITS, load_dataset
 from pipeline.data.features import write_store
 from pipeline.encoders import encoder_attrs, load_encoder
 

@@ -12,11 +12,11 @@ from pipeline.core import distributed, paths, registry
 from pipeline.core.config import Config
 from pipeline.core.devices import best_device
 from pipeline.core.io import write_json
+from pipeline.data.datasets import load_dataset
 from pipeline.data.features import open_store
 from pipeline.decoding.beam import caption_features
 from pipeline.evaluation.metrics import laid_out, score_captions
 from pipeline.evaluation.protocols import chosen
-from pipeline.data.datasets import load_dataset
 from pipeline.evaluation.results import named, stored, test_references
 from pipeline.models import load_model
 
@@ -35,6 +35,7 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL, model_dir: str
     device = best_device()
     model, spec = load_model(model_dir, device)
     store = open_store(paths.store_path(config, "test", spec.store), {**spec.store_attrs, **dataset.attrs()})
+    scored = stored(references, store)
 
     size = config.score.batch_size
     mine = distributed.shard(-(-len(store) // size))
@@ -49,7 +50,6 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL, model_dir: str
     names = {r.image_id: r.path.name for r in dataset.splits["test"]}
     results = [{"image_id": int(i), "file_name": names[int(i)], "caption": c} for i, c in zip(store.image_ids, texts)]
     predictions = {r["image_id"]: r["caption"] for r in results}
-    scored = stored(references, store)
     by_protocol = score_captions(scored, predictions, chosen(config.score.protocol), str(store.path))
     notes: dict[str, str] = {}
     if captions.clamped_from is not None:
@@ -58,8 +58,8 @@ def run(config: Config, model_name: str = registry.DEFAULT_MODEL, model_dir: str
             "the LM's context holds no more after the prefix (and the longest retrieval prompt)"
         )
 
-    metrics = laid_out(by_protocol, model=spec.name, **named(dataset), split="test", images=len(scored), unfinished=unfinished,
-                       max_length=captions.max_length, notes=notes)
+    metrics = laid_out(by_protocol, model=spec.name, **named(dataset), split="test", images=len(scored),
+                       unfinished=unfinished, max_length=captions.max_length, notes=notes)
     write_json(paths.captions_path(config, spec.name), results)
     write_json(paths.metrics_path(config, spec.name), metrics)
     if unfinished > UNFINISHED_WARNING * len(results):

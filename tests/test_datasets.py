@@ -11,15 +11,18 @@ import unicodedata
 from functools import partial
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from pipeline.core.config import DataConfig
 from pipeline.core.errors import ViclipError
 from pipeline.core.registry import MODELS
 from pipeline.data.datasets import load_dataset, read_source
-from pipeline.data.features import open_store
+from pipeline.data.features import FeatureStore, open_store, write_store
 from pipeline.demo import dvc, dvc_project
 from pipeline.demo.synthetic import make_dataset
+from pipeline.evaluation.results import stored
 from tests.conftest import make_project
 from tests.formats import (
     Item, coco_name, expected, items, table_name, uitviic_from_ktvic, write_coco, write_rows, write_table,
@@ -75,7 +78,7 @@ def test_each_format_is_detected_and_read(tmp_path, key, table):
     root, files = build(tmp_path, key)
     _, splits, format, name = WRITERS[key]
     dataset = load_dataset(config(root / table if table else root))
-    assert (dataset.format, dataset.name) == (format, name or "my_set")
+    assert (dataset.format, dataset.name) == (format, name or (f"my_set/{table}" if table else "my_set"))
     own = {own_split(item) for item in files.values()} == {"train", "val", "test"}
     sizes = {split: sum(own_split(item) == split for item in files.values()) for split in ("train", "val", "test")}
     assert {split: len(records) for split, records in dataset.splits.items()} == (sizes if own else CARVED)
@@ -96,7 +99,7 @@ def test_each_format_is_detected_and_read(tmp_path, key, table):
 def test_uitviic_keeps_its_own_val_and_finds_images_in_both_coco_folders(tmp_path):
     root, _ = build(tmp_path, "uitviic")
     dataset = load_dataset(config(root))
-    assert dataset.made == "UIT-ViIC splits: the dataset's own"
+    assert dataset.made == "the dataset's own"
     for records in dataset.splits.values():
         assert {record.path.parent.name for record in records} == {"train2017", "val2017"}
 
@@ -112,9 +115,8 @@ def test_missing_splits_are_carved_by_image_and_seeded(tmp_path, key):
     first = carved(4)
     assert carved(4) == first and carved(5) != first
     assert set.union(*first.values()) == set(files) and sum(map(len, first.values())) == len(files)
-    name = WRITERS[key][3] or "my_set"
     assert load_dataset(config(root, seed=4, test_fraction=0.2)).made == (
-        f"{name} splits: test carved out of train by image (0.2 of its images, seed 4); "
+        "test carved out of train by image (0.2 of its images, seed 4); "
         "val carved out of train by image (0.25 of its images, seed 4)")
 
 
@@ -143,12 +145,32 @@ def test_a_table_path_written_on_windows_is_found(tmp_path):
     assert {r.path for r in records} == set(files) and not any(r.problem for r in records)
 
 
+@pytest.mark.parametrize("names", [("train_captions", "val_captions", "test_captions"),
+                                   ("captions_train", "captions_dev", "captions_test")])
+def test_coco_files_named_as_other_sets_name_them(tmp_path, names):
+    """COCO-format files named like vieCap4H's (but objects, not a list), or with a dev split."""
+    root = tmp_path / "coco"
+    files = write_coco(root, items(OWN), one_file=False)
+    for split, name in zip(("train", "val", "test"), names):
+        (root / f"annotations/captions_{split}2017.json").rename(root / f"{name}.json")
+    dataset = load_dataset(config(root))
+    assert dataset.format == "coco" and dataset.made == "the dataset's own"
+    assert {r.path for rs in dataset.splits.values() for r in rs} == set(files)
+
+
+def test_a_single_coco_file_without_splits_is_training_data(tmp_path):
+    root = tmp_path / "coco"
+    write_coco(root, items({"train": 12}), one_file=True)
+    edit_json("captions_karpathy.json", lambda raw: [image.pop("split") for image in raw["images"]])(root)
+    assert {split: len(records) for split, records in load_dataset(config(root)).splits.items()} == CARVED
+
+
 def test_coco_lacking_val_carves_val_only(tmp_path):
     root = tmp_path / "coco"
     write_coco(root, items({"train": 8, "test": 2}), one_file=False)
     dataset = load_dataset(config(root))
     assert {split: len(records) for split, records in dataset.splits.items()} == {"train": 6, "val": 2, "test": 2}
-    assert dataset.made == "coco splits: val carved out of train by image (0.25 of its images, seed 0)"
+    assert dataset.made == "val carved out of train by image (0.25 of its images, seed 0)"
 
 
 def test_data_format_settles_an_ambiguous_folder(tmp_path):
@@ -277,8 +299,9 @@ BAD = [
          ["captions_karpathy.json: images[2]: missing key 'split'"]),
     ]],
     *[pytest.param("viecap4h", *case[1:], id=f"viecap4h-{case[0]}") for case in [
+        # vieCap4H's file is a list: an object is taken for a COCO set's training file (as below).
         ("not a list", write("train_captions.json", '{"id": "0001.jpg", "captions": "một con mèo."}'),
-         ["train_captions.json", "expected a JSON list"]),
+         ["train_captions.json", "missing key 'images'"]),
         ("not UTF-8", windows_1258("train_captions.json"), ["train_captions.json", "not UTF-8 text"]),
         ("missing key", edit_json("train_captions.json", lambda raw: raw[0].pop("captions")),
          ["train_captions.json: [0]: missing key 'captions'"]),
@@ -386,7 +409,7 @@ def test_dvc_repro_runs_end_to_end_on_a_uitviic_folder(tiny, tmp_path):
     edit_params(project, "data", "root", "uitviic")
     dvc(dvc_project(project), "repro")
 
-    made = "UIT-ViIC splits: the dataset's own"
+    made = "the dataset's own"
     for model in MODELS:
         metrics = json.loads((project / f"artifacts/metrics/{model}.json").read_text(encoding="utf-8"))
         assert (metrics["dataset"], metrics["splits"], metrics["images"]) == ("UIT-ViIC", made, 4)
@@ -397,4 +420,45 @@ def test_dvc_repro_runs_end_to_end_on_a_uitviic_folder(tiny, tmp_path):
         store = open_store(project / f"artifacts/features/clip/{split}.h5", {"dataset": "UIT-ViIC", "split": split})
         assert len(store) == images
     report = (project / "artifacts/report/comparison.md").read_text(encoding="utf-8")
-    assert f"UIT-ViIC, split `test`, 4 images ({made})" in report and "(reported)" not in report
+    assert f"UIT-ViIC, split `test`, 4 images (splits: {made})" in report and "(reported)" not in report
+
+
+def test_linked_folders_are_walked_once_and_a_loop_ends(tmp_path):
+    """COCO's folder linked in, its train2017/ linked again beside it, and a link back up: each image once."""
+    coco, files = build(tmp_path, "uitviic")
+    root = tmp_path / "linked"
+    root.mkdir()
+    for name in ("uitviic_captions_train2017.json", "uitviic_captions_val2017.json", "uitviic_captions_test2017.json"):
+        shutil.copyfile(coco / name, root / name)
+    (root / "coco").symlink_to(coco / "coco", target_is_directory=True)
+    (root / "train2017").symlink_to(coco / "coco/train2017", target_is_directory=True)
+    (coco / "coco/val2017/up").symlink_to(coco, target_is_directory=True)
+    records = [r for rs in read_source(root).splits.values() for r in rs]
+    assert not [r.problem for r in records if r.problem]
+    assert {r.path.resolve() for r in records} == {path.resolve() for path in files}
+
+
+def test_a_path_with_folders_that_is_not_there_is_not_taken_for_another(tmp_path):
+    root, _ = build(tmp_path, "csv_unsplit")
+    edit_rows(lambda rows: rows[0].update(image="gone/photo_1.jpg"))(root)
+    problems = {r.path.relative_to(root).as_posix(): r.problem
+                for rs in read_source(root).splits.values() for r in rs if r.problem}
+    assert problems == {"gone/photo_1.jpg": f"not found under {root}"}
+
+
+def test_a_test_store_of_other_images_is_refused_before_decoding(tmp_path):
+    store = FeatureStore(tmp_path / "test.h5", np.array([1, 2, 99]), {}, rows=np.zeros((3, 4), np.float32))
+    with pytest.raises(ViclipError, match=r"test.h5: 1 images not in the test split \(e.g. id 99\)"):
+        stored({1: ["một"], 2: ["hai"], 3: ["ba"]}, store)
+    assert stored({1: ["một"], 2: ["hai"], 99: ["x"], 3: ["ba"]}, store) == {1: ["một"], 2: ["hai"], 99: ["x"]}
+
+
+def test_a_store_from_before_datasets_were_recorded_is_ktvics(tmp_path):
+    path = tmp_path / "train.h5"
+    with write_store(path, {"encoder": "clip"}) as writer:
+        writer.append(np.array([1]), np.zeros((1, 4), np.float32))
+    with h5py.File(path, "a") as file:
+        assert "dataset" not in file.attrs
+    assert open_store(path, {"dataset": "KTVIC"}).attrs["dataset"] == "KTVIC"
+    with pytest.raises(ViclipError, match="dataset='KTVIC' but 'UIT-ViIC' is expected"):
+        open_store(path, {"dataset": "UIT-ViIC"})

@@ -145,10 +145,10 @@ def test_runs_under_different_protocols_are_not_compared(field, value, tmp_path)
 
 
 def test_another_datasets_run_is_named_and_shown_without_ktvics_published_figures(tmp_path, monkeypatch):
-    made = "UIT-ViIC splits: the dataset's own"
+    made = "the dataset's own"
     files = {name: {**file, "dataset": "UIT-ViIC", "splits": made} for name, file in metrics().items()}
     markdown = comparison_markdown(files, MODELS)
-    assert f"UIT-ViIC, split `test`, 558 images ({made})" in markdown
+    assert f"UIT-ViIC, split `test`, 558 images (splits: {made})" in markdown
     assert header(markdown) == ["Metric", "CNN+LSTM", "ViCLIPCap"] and "(reported)" not in markdown
     drawn = []
     monkeypatch.setattr(matplotlib.figure.Figure, "legend", lambda self, *a, **k: drawn.append(
@@ -157,6 +157,13 @@ def test_another_datasets_run_is_named_and_shown_without_ktvics_published_figure
     assert drawn == [["CNN+LSTM", "ViCLIPCap"]]
     ktvic = {name: {**file, "dataset": "KTVIC"} for name, file in metrics().items()}
     assert "(reported)" in comparison_markdown(ktvic, MODELS)
+    # A file from before datasets were recorded is KTVIC's, and agrees with any splits.
+    ktvic["viclipcap"] = {**metrics()["viclipcap"]}
+    ktvic["cnn_lstm"]["splits"] = "val carved out of train by image (0.1 of its images, seed 0)"
+    assert "KTVIC, split `test`, 558 images (splits: val carved" in comparison_markdown(ktvic, MODELS)
+    other_seed = {name: {**file, "splits": f"test carved ({name})"} for name, file in files.items()}
+    with pytest.raises(ViclipError, match="disagree on splits"):
+        comparison_markdown(other_seed, MODELS)
 
 
 def test_bar_chart_writes_a_png(tmp_path):

@@ -76,8 +76,10 @@ def test_left_padded_prompts_change_nothing_a_row_reads(demo, config):
 
 
 def test_the_model_reads_its_prompt(demo, config):
-    """Captions of random training images in the prompt lower the test CIDEr the model scored: every one of three
-    draws, and by 0.05 on average (single draws lowered it by 0.09 to 0.16 as float rounding moved the mapper)."""
+    """Captions of random training images in the prompt lower the test CIDEr the model scored, by 0.05 on average
+    over three draws. A single draw can land above it: as float rounding moved the demo's mapper, single draws
+    ranged from 0.16 below to 0.06 above (on one AMD EPYC, where the code before and after the datasets change
+    gave the same demo)."""
     with chdir(demo):
         model, _ = load_model(paths.model_dir(config, RAG), CPU)
         store = open_store(paths.store_path(config, "test"), {})
@@ -93,7 +95,7 @@ def test_the_model_reads_its_prompt(demo, config):
         datastore.nearest = lambda embeddings, k: torch.randint(len(datastore.image_ids), (len(embeddings), k), generator=rng)
         texts = caption_features(model, torch.from_numpy(store.embeddings), config.score, description=None).texts
         random.append(score_captions(references, dict(zip((int(i) for i in store.image_ids), texts)))["syllable"]["cider"])
-    assert max(random) < cider and np.mean(random) < cider - 0.05, (random, cider)
+    assert np.mean(random) < cider - 0.05, (random, cider)
     assert np.isfinite(random).all()
 
 

@@ -52,20 +52,28 @@ class ImageFinder:
         self._by_name: dict[str, list[Path]] | None = None
 
     def _index(self) -> dict[str, list[Path]]:
+        """Every file under the root by name, each reached once: a folder linked twice (COCO's folder, and its
+        train2017/ too) is walked once, and a link back up (a loop) not again."""
         if self._by_name is None:
-            self._by_name = defaultdict(list)
-            for folder, _, names in os.walk(self.root, followlinks=True):
+            self._by_name, seen = defaultdict(list), set()
+            for folder, folders, names in os.walk(self.root, followlinks=True):
+                if os.path.realpath(folder) in seen:
+                    folders.clear()
+                    continue
+                seen.add(os.path.realpath(folder))
                 for name in names:
                     self._by_name[name].append(Path(folder) / name)
         return self._by_name
 
     def __call__(self, name: str) -> tuple[Path, str | None]:
         """The file `name` names: a path with folders, relative to the root, where it exists; otherwise the one
-        file of its name under the root. Where there is none, or more than one, the reason instead."""
-        given = Path(name)
+        file under the root whose path ends as `name` does. Where there is none, or more than one, the reason
+        instead."""
+        given = Path(name.replace("\\", "/"))  # a path written on Windows
         if len(given.parts) > 1 and (self.root / given).is_file():
             return self.root / given, None
-        found = sorted(self._index().get(given.name, []))
+        found = sorted(path for path in self._index().get(given.name, [])
+                       if path.parts[-len(given.parts):] == given.parts)
         if len(found) == 1:
             return found[0], None
         if not found:
@@ -102,6 +110,10 @@ def _json(path: Path) -> Any:
         raise ViclipError(f"{path}: not valid JSON ({error})") from None
     except UnicodeDecodeError:
         raise ViclipError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ViclipError(f"{path}: nested too deeply to be an annotation file") from None
+    except OSError as error:
+        raise ViclipError(f"{path}: unreadable ({error.strerror or error})") from None
 
 
 def _record(image_id: int, resolved: tuple[Path, str | None], captions: list[str]) -> ImageRecord:
@@ -113,14 +125,15 @@ def read_coco(path: Path, resolve: Resolve, file_key: str = "file_name",
               splits: bool = False) -> dict[str, list[ImageRecord]]:
     """A COCO-like captions file: `images` (`id`, and the file name under `file_key`: COCO's `file_name`,
     KTVIC's `filename`) and `annotations` (`image_id`, `caption`). Its images in the file's order, under the
-    split each one's `split` field names where `splits` (Karpathy's `restval` is training data), else
-    under "all"."""
+    split each one's `split` field names where `splits` and any image has one (Karpathy's `restval` is
+    training data), else under "all"."""
     raw = _json(path)
     for key in ("images", "annotations"):
         if not isinstance(raw, dict) or not isinstance(raw.get(key), list):
             raise ViclipError(f"{path}: missing key '{key}' (a list)")
     if not raw["images"]:
         raise ViclipError(f"{path}: no images")
+    splits = splits and any(isinstance(image, dict) and "split" in image for image in raw["images"])
 
     images: dict[int, tuple[str, str]] = {}  # id -> (file name, split)
     for n, image in enumerate(raw["images"]):
@@ -128,12 +141,12 @@ def read_coco(path: Path, resolve: Resolve, file_key: str = "file_name",
         image_id = _field(image, "id", int, where)
         if image_id in images:
             raise ViclipError(f"{where}: duplicate image id {image_id}")
-        split = "all"
-        if splits:
-            split = {"restval": "train"}.get(_field(image, "split", str, where), image["split"])
-            if split not in ("train", "val", "test"):
-                raise ViclipError(f"{where}: 'split' should be train, val, test or restval, got {image['split']!r}")
-        images[image_id] = (_field(image, file_key, str, where), split)
+        if not -2**63 <= image_id < 2**63:  # stores hold ids as int64
+            raise ViclipError(f"{where}: image id {image_id} out of range")
+        split = _field(image, "split", str, where) if splits else "all"
+        if split not in ("all", "train", "val", "test", "restval"):
+            raise ViclipError(f"{where}: 'split' should be train, val, test or restval, got {split!r}")
+        images[image_id] = (_field(image, file_key, str, where), "train" if split == "restval" else split)
 
     captions: dict[int, list[str]] = {image_id: [] for image_id in images}
     for n, annotation in enumerate(raw["annotations"]):
@@ -212,11 +225,16 @@ def _table_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             for number, line in enumerate(file, 1):
                 if line.strip():
                     try:
-                        yield f"{path}: line {number}", json.loads(line)
-                    except json.JSONDecodeError as error:
+                        row = json.loads(line)
+                    except (json.JSONDecodeError, RecursionError) as error:
                         raise ViclipError(f"{path}: line {number}: not valid JSON ({error})") from None
+                    if not isinstance(row, dict):
+                        raise ViclipError(f"{path}: line {number}: not a JSON object")
+                    yield f"{path}: line {number}", row
     except UnicodeDecodeError:
         raise ViclipError(f"{path}: not UTF-8 text") from None
+    except OSError as error:
+        raise ViclipError(f"{path}: unreadable ({error.strerror or error})") from None
     except csv.Error as error:
         raise ViclipError(f"{path}: not a readable CSV table ({error})") from None
 
@@ -227,13 +245,14 @@ def read_table(path: Path, resolve: Resolve) -> dict[str, list[ImageRecord]]:
     numbered in name order; without a split column every image is under "all"."""
     captions: dict[str, list[str]] = defaultdict(list)
     splits: dict[str, str] = {}
+    first_line: dict[str, str] = {}
     for where, row in _table_rows(path):
         image, caption = (_field(row, column, str, where) for column in TABLE_COLUMNS)
-        image = image.replace("\\", "/")  # a path written on Windows
         if not image.strip():
             raise ViclipError(f"{where}: empty 'image'")
         captions[image].append(_caption(caption, where))
-        if isinstance(row, dict) and row.get("split") not in (None, ""):
+        first_line.setdefault(image, where)
+        if row.get("split") not in (None, ""):
             split = _field(row, "split", str, where)
             if split not in ("train", "val", "test"):
                 raise ViclipError(f"{where}: 'split' should be train, val or test, got {split!r}")
@@ -243,6 +262,6 @@ def read_table(path: Path, resolve: Resolve) -> dict[str, list[ImageRecord]]:
         raise ViclipError(f"{path}: no rows")
     unsplit = [image for image in captions if image not in splits]
     if splits and unsplit:
-        raise ViclipError(f"{path}: {unsplit[0]} has no 'split' where other images have one")
+        raise ViclipError(f"{first_line[unsplit[0]]}: {unsplit[0]} has no 'split' where other images have one")
     captions, splits = _same_files(captions, splits, resolve, path)
     return _numbered(captions, resolve, splits or None)

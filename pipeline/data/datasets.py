@@ -42,8 +42,8 @@ LAYOUTS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 ANNOTATION_FOLDERS = (".", "annotations")  # where COCO-format sets keep their files
-SPLIT_WORD = re.compile(r"(?<![a-z])(train|val|valid|validation|test)(?![a-z])")  # captions_val2017.json: val
-SPLIT_NAMES = {"valid": "val", "validation": "val"}
+SPLIT_WORD = re.compile(r"(?<![a-z])(train|val|valid|validation|dev|test)(?![a-z])")  # captions_val2017.json: val
+SPLIT_NAMES = {"valid": "val", "validation": "val", "dev": "val"}
 
 
 @dataclass(frozen=True)
@@ -75,18 +75,23 @@ def _uitviic_files(root: Path) -> dict[str, Path] | None:
 
 def _read_coco_files(root: Path, files: dict[str, Path] | Path) -> dict[str, list[ImageRecord]]:
     find = ImageFinder(root)
-    if isinstance(files, Path):  # one file, each image naming its split
-        return read_coco(files, find, splits=True)
+    if isinstance(files, Path):  # one file, its images naming their splits, or all training images
+        return _as_train(read_coco(files, find, splits=True))
     return {split: read_coco(path, find)["all"] for split, path in files.items()}
 
 
 def _viecap4h_file(root: Path) -> Path | None:
-    return root / "train_captions.json" if (root / "train_captions.json").is_file() else None
+    """train_captions.json holding a JSON list: a COCO set may name its training file so too, but as an object."""
+    path = root / "train_captions.json"
+    if not path.is_file():
+        return None
+    with path.open("rb") as file:
+        return path if file.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else None
 
 
 def _coco_files(root: Path) -> dict[str, Path] | Path | None:
     """A file a split, each named by its split (train required), or the one JSON file there is."""
-    found = sorted(path for folder in ANNOTATION_FOLDERS for path in (root / folder).glob("*.json"))
+    found = sorted(path for folder in ANNOTATION_FOLDERS for path in (root / folder).glob("*.json") if path.is_file())
     # COCO's own annotations folder holds instances_ and person_keypoints_ files beside the captions_ ones.
     found = [path for path in found if "caption" in path.name.lower()] or found
     by_split: dict[str, list[Path]] = {}
@@ -113,9 +118,13 @@ def _table_file(root: Path) -> Path | None:
     return tables[0] if tables else None
 
 
-def _read_table(root: Path, table: Path) -> dict[str, list[ImageRecord]]:
-    records = read_table(table, ImageFinder(table.parent))
+def _as_train(records: dict[str, list[ImageRecord]]) -> dict[str, list[ImageRecord]]:
+    """A file's records under their splits, those of a file that names none as training images."""
     return {"train": records["all"]} if "all" in records else records
+
+
+def _read_table(root: Path, table: Path) -> dict[str, list[ImageRecord]]:
+    return _as_train(read_table(table, ImageFinder(table.parent)))
 
 
 FORMATS: dict[str, Format] = {
@@ -163,7 +172,7 @@ def _detect(root: Path, named: str | None) -> tuple[str, Any]:
         if (files := FORMATS[name].detect(root)) is not None:
             return name, files
     if partly := _partly(root):  # not read as a generic format: that would silently drop its official splits
-        raise ViclipError(f"{root}: {partly}")
+        raise ViclipError(f"{root}: {partly}; data.format names another format")
     found = {name: files for name in ("coco", "table") if (files := FORMATS[name].detect(root)) is not None}
     if len(found) > 1:
         raise ViclipError(f"{root}: both COCO captions files and a table; set data.format to coco or table")
@@ -191,8 +200,9 @@ def read_source(root: str | Path, format: str | None = None) -> Dataset:
     root = Path(root)
     name, files = _detect(root, format)
     splits = FORMATS[name].read(root, files)
-    folder = root.parent if root.is_file() else root
-    return Dataset(FORMATS[name].name or folder.resolve().name, name, splits, "")
+    # A table named by data.root is known by its folder and file: two tables of one folder are two datasets.
+    folder = f"{root.absolute().parent.name}/{root.name}" if root.is_file() else root.absolute().name
+    return Dataset(FORMATS[name].name or folder, name, splits, "")
 
 
 def carved_ids(image_ids: list[int], fraction: float, seed: int) -> set[int]:
@@ -233,8 +243,7 @@ def load_dataset(config: DataConfig) -> Dataset:
         if not records:
             raise ViclipError(f"{config.root}: no {split} images ({source.name} has "
                               f"{sum(len(r) for r in source.splits.values())} in all)")
-    made_here = "; ".join(made) if made else "the dataset's own"
-    return Dataset(source.name, source.format, splits, f"{source.name} splits: {made_here}")
+    return Dataset(source.name, source.format, splits, "; ".join(made) if made else "the dataset's own")
 
 
 def load_splits(config: DataConfig) -> dict[str, list[ImageRecord]]:

@@ -148,7 +148,8 @@ def open_store(path: str | Path, expected: Mapping[str, Any]) -> FeatureStore:
         raise ViclipError(f"{path}: feature store not found (run `viclip extract`)")
     try:
         with h5py.File(path, "r") as file:
-            attrs = {key: _plain(value) for key, value in file.attrs.items()}
+            # A store from before viclip read other datasets is KTVIC's, the one it read then.
+            attrs = {"dataset": "KTVIC", **{key: _plain(value) for key, value in file.attrs.items()}}
             attrs.update({key: json.loads(attrs[key]) for key in JSON_ATTRS if key in attrs})
             if attrs.get("format") != FORMAT:
                 raise ViclipError(f"{path}: not a viclip feature store (format {attrs.get('format')!r})")

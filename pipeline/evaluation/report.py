@@ -113,8 +113,8 @@ COMPARES_WITH = {
 class SharedRun:
     """What every metrics file agrees on: the dataset, the split, the image count, and each protocol's figures."""
     models: list[str]  # in display order
-    dataset: str | None  # None: files from before datasets other than KTVIC were read
-    splits: str | None  # how the dataset's splits came about
+    dataset: str
+    splits: str | None  # how the dataset's splits came about; None: not recorded (files before datasets were)
     split: str
     images: int
     protocols: dict[str, dict[str, Scores]]  # protocol name -> model -> its block (figures, protocol, notes)
@@ -130,21 +130,24 @@ def _shared_run(metrics: Mapping[str, Mapping[str, Any]]) -> SharedRun:
         raise ViclipError(f"comparison: no model's metrics to compare {BASELINE} with")
     models = display_order(metrics)
     files = [metrics[model] for model in models]
-    for field in ("dataset", "split", "images"):
-        values = {repr(f.get(field)) for f in files}
+    # Files from before viclip read other datasets scored KTVIC and recorded no splits: those agree with any.
+    for field in ("dataset", "splits", "split", "images"):
+        values = {repr(f.get(field, REPORTED_ON if field == "dataset" else None)) for f in files}
+        if field == "splits":
+            values.discard(repr(None))
         if len(values) > 1:
             raise ViclipError(f"comparison: the metrics files disagree on {field} ({' vs '.join(sorted(values))})")
     protocols, unshared = shared_protocols({model: metrics[model] for model in models})
     if not protocols:
         raise ViclipError("comparison: the metrics files share no scoring protocol")
-    first = files[0]
-    return SharedRun(models, first.get("dataset"), first.get("splits"), first.get("split"), first.get("images"),
-                     dict(protocols), unshared)
+    splits = next((f["splits"] for f in files if f.get("splits")), None)
+    return SharedRun(models, files[0].get("dataset", REPORTED_ON), splits, files[0].get("split"),
+                     files[0].get("images"), dict(protocols), unshared)
 
 
 def _reported_beside(run: SharedRun, reported: Mapping[str, Scores]) -> Mapping[str, Scores]:
     """The published figures, where the run scored the dataset they were scored on."""
-    return reported if run.dataset in (None, REPORTED_ON) else {}
+    return reported if run.dataset == REPORTED_ON else {}
 
 
 def _cell(value: float | None, missing: str, bold: bool = False) -> str:
@@ -292,8 +295,8 @@ def comparison_markdown(
     lines = [
         f"# {title}",
         "",
-        f"{run.dataset or REPORTED_ON}, split `{run.split}`, {run.images:,} images"
-        f"{f' ({run.splits})' if run.splits else ''}; {len(run.models)} models scored under the same protocols "
+        f"{run.dataset}, split `{run.split}`, {run.images:,} images"
+        f"{f' (splits: {run.splits})' if run.splits else ''}; {len(run.models)} models scored under the same protocols "
         f"({', '.join(run.protocols)}).",
         "",
         *(line for name, runs in run.protocols.items() for line in _protocol_section(name, runs, reported)),
@@ -349,7 +352,7 @@ def bar_chart(
                 ax.bar(xs, heights, width, label=name, color=colour, edgecolor=colour, **style)
         ax.set_xticks(range(len(shown)), [label for _, label in shown])
         ax.set_ylabel("score")
-        ax.set_title(f"{_title(run.models)}: {run.dataset or REPORTED_ON} {run.split} split, {run.images:,} images, "
+        ax.set_title(f"{_title(run.models)}: {run.dataset} {run.split} split, {run.images:,} images, "
                      f"{protocol} protocol")
         fig.legend(loc="outside lower center", ncols=min(len(series), 4))
         with atomic_path(path) as partial:

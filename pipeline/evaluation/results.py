@@ -19,7 +19,7 @@ from pipeline.evaluation.protocols import chosen
 
 
 def test_references(dataset: Dataset) -> dict[int, list[str]]:
-    """Each test image's references: as many as the dataset gives it (one in vieCap4H, five in KTVIC)."""
+    """Each test image's references: as many as the dataset gives it (mostly one in vieCap4H, five in KTVIC)."""
     return {r.image_id: list(r.captions) for r in dataset.splits["test"]}
 
 
@@ -46,8 +46,13 @@ def read_results(path: str | Path) -> dict[int, str]:
 
 
 def stored(references: dict[int, list[str]], store: FeatureStore) -> dict[int, list[str]]:
-    """The references of the images in `store`: those `viclip score` decodes (extraction may skip some)."""
+    """The references of the images in `store`: those `viclip score` decodes (extraction may skip some).
+    Refused, before anything is decoded, where the store holds images the split does not (a test split
+    carved with another seed, say)."""
     ids = set(store.image_ids.tolist())
+    if unknown := sorted(ids - set(references)):
+        raise ViclipError(f"{store.path}: {len(unknown)} images not in the test split (e.g. id {unknown[0]}); "
+                          "re-run `viclip extract`")
     return {i: refs for i, refs in references.items() if i in ids}
 
 
