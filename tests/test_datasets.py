@@ -462,3 +462,13 @@ def test_a_store_from_before_datasets_were_recorded_is_ktvics(tmp_path):
     assert open_store(path, {"dataset": "KTVIC"}).attrs["dataset"] == "KTVIC"
     with pytest.raises(ViclipError, match="dataset='KTVIC' but 'UIT-ViIC' is expected"):
         open_store(path, {"dataset": "UIT-ViIC"})
+
+
+def test_a_name_in_another_letter_case_is_found_where_it_is_the_only_one(tmp_path):
+    root, files = build(tmp_path, "viecap4h")
+    first, second = sorted(files)[:2]
+    first.rename(first.with_name(first.name.upper()))  # 0001.JPG on disk, 0001.jpg in the file
+    second.with_name(second.stem + ".JPG").write_bytes(second.read_bytes())  # both cases on disk: the exact one
+    found = {r.path.name.lower(): (r.path.name, r.problem) for r in read_source(root).splits["train"]}
+    assert found[first.name] == (first.name.upper(), None)
+    assert found[second.name] == (second.name, None)

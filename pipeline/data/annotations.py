@@ -52,8 +52,8 @@ class ImageFinder:
         self._by_name: dict[str, list[Path]] | None = None
 
     def _index(self) -> dict[str, list[Path]]:
-        """Every file under the root by name, each reached once: a folder linked twice (COCO's folder, and its
-        train2017/ too) is walked once, and a link back up (a loop) not again."""
+        """Every file under the root by its name in lower case, each reached once: a folder linked twice (COCO's
+        folder, and its train2017/ too) is walked once, and a link back up (a loop) not again."""
         if self._by_name is None:
             self._by_name, seen = defaultdict(list), set()
             for folder, folders, names in os.walk(self.root, followlinks=True):
@@ -62,18 +62,21 @@ class ImageFinder:
                     continue
                 seen.add(os.path.realpath(folder))
                 for name in names:
-                    self._by_name[name].append(Path(folder) / name)
+                    self._by_name[name.lower()].append(Path(folder) / name)
         return self._by_name
 
     def __call__(self, name: str) -> tuple[Path, str | None]:
         """The file `name` names: a path with folders, relative to the root, where it exists; otherwise the one
-        file under the root whose path ends as `name` does. Where there is none, or more than one, the reason
+        file under the root whose path ends as `name` does, or failing that ends so but for letter case (a
+        file list written on Windows: `a.jpg` for `A.JPG`). Where there is none, or more than one, the reason
         instead."""
         given = Path(name.replace("\\", "/"))  # a path written on Windows
         if len(given.parts) > 1 and (self.root / given).is_file():
             return self.root / given, None
-        found = sorted(path for path in self._index().get(given.name, [])
-                       if path.parts[-len(given.parts):] == given.parts)
+        candidates = self._index().get(given.name.lower(), [])
+        found = sorted(path for path in candidates if path.parts[-len(given.parts):] == given.parts) or sorted(
+            path for path in candidates if [part.lower() for part in path.parts[-len(given.parts):]]
+            == [part.lower() for part in given.parts])
         if len(found) == 1:
             return found[0], None
         if not found:
