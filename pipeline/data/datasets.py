@@ -172,7 +172,7 @@ def _detect(root: Path, named: str | None) -> tuple[str, Any]:
         if (files := FORMATS[name].detect(root)) is not None:
             return name, files
     if partly := _partly(root):  # not read as a generic format: that would silently drop its official splits
-        raise ViclipError(f"{root}: {partly}; data.format names another format")
+        raise ViclipError(f"{root}: {partly}; or set data.format to read it as another format")
     found = {name: files for name in ("coco", "table") if (files := FORMATS[name].detect(root)) is not None}
     if len(found) > 1:
         raise ViclipError(f"{root}: both COCO captions files and a table; set data.format to coco or table")
