@@ -266,5 +266,6 @@ def read_table(path: Path, resolve: Resolve) -> dict[str, list[ImageRecord]]:
     unsplit = [image for image in captions if image not in splits]
     if splits and unsplit:
         raise ViclipError(f"{first_line[unsplit[0]]}: {unsplit[0]} has no 'split' where other images have one")
+    resolve = {image: resolve(image) for image in captions}.__getitem__  # each name looked up once
     captions, splits = _same_files(captions, splits, resolve, path)
     return _numbered(captions, resolve, splits or None)

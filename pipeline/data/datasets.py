@@ -42,6 +42,7 @@ LAYOUTS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 ANNOTATION_FOLDERS = (".", "annotations")  # where COCO-format sets keep their files
+UITVIIC_FILES = {split: f"uitviic_captions_{split}2017.json" for split in SPLITS}
 SPLIT_WORD = re.compile(r"(?<![a-z])(train|val|valid|validation|dev|test)(?![a-z])")  # captions_val2017.json: val
 SPLIT_NAMES = {"valid": "val", "validation": "val", "dev": "val"}
 
@@ -67,7 +68,7 @@ def _read_ktvic(root: Path, files: dict[str, tuple[Path, Path]]) -> dict[str, li
 
 def _uitviic_files(root: Path) -> dict[str, Path] | None:
     for folder in ANNOTATION_FOLDERS:
-        files = {split: root / folder / f"uitviic_captions_{split}2017.json" for split in SPLITS}
+        files = {split: root / folder / name for split, name in UITVIIC_FILES.items()}
         if all(path.is_file() for path in files.values()):
             return files
     return None
@@ -184,7 +185,7 @@ def _detect(root: Path, named: str | None) -> tuple[str, Any]:
 def _partly(root: Path) -> str | None:
     """What is missing where some of a named dataset's files are there and others are not."""
     layouts = {"KTVIC": [[ann for ann, _ in layout.values()] for layout in LAYOUTS.values()],
-               "UIT-ViIC": [[f"{folder}/uitviic_captions_{split}2017.json".removeprefix("./") for split in SPLITS]
+               "UIT-ViIC": [[f"{folder}/{name}".removeprefix("./") for name in UITVIIC_FILES.values()]
                             for folder in ANNOTATION_FOLDERS]}
     for name, file_sets in layouts.items():
         for files in file_sets:
