@@ -1,5 +1,5 @@
-"""The GPU's training step, run on the CPU: static batch widths, a `torch.compile`d step against the eager one,
-fused AdamW across the warm-up, and which paths compile."""
+"""The GPU's training and decoding steps, run on the CPU: static batch widths, a `torch.compile`d step against
+the eager one, fused AdamW across the warm-up, and which paths compile."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from pipeline.core import devices
 from pipeline.core.config import TrainSettings
 from pipeline.core.errors import ViclipError
+from pipeline.decoding.beam import beam_search
 from pipeline.training import optimisation
 from pipeline.training.batches import STATIC_WIDTH, CaptionSet
 from pipeline.training.cross_entropy import CrossEntropy
@@ -57,14 +58,18 @@ def fit(captioner, compiled: bool, fused: bool = False) -> tuple[list[float], to
     return losses, torch.cat([p.detach().flatten() for p in captioner.mapper.parameters()])
 
 
-@pytest.mark.slow
-def test_a_compiled_step_trains_as_the_eager_one(capsys):
-    """Inductor's fused kernels round differently: the same run to float tolerance. Its first compile, on
-    two cores with no cache, takes about a minute."""
+def needs_a_compiler() -> None:
     if shutil.which("g++") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("torch.compile needs g++ on the CPU: apt-get install g++ (.ci/run does)")
         pytest.skip("no g++: torch.compile cannot build its CPU kernels")
+
+
+@pytest.mark.slow
+def test_a_compiled_step_trains_as_the_eager_one(capsys):
+    """Inductor's fused kernels round differently: the same run to float tolerance. Its first compile, on
+    two cores with no cache, takes about a minute."""
+    needs_a_compiler()
     eager_losses, eager = fit(tiny_captioner(), compiled=False)
     losses, weights = fit(tiny_captioner(), compiled=True)
     assert all(abs(a / b - 1) < 1e-4 for a, b in zip(losses, eager_losses)), (losses, eager_losses)
@@ -73,6 +78,22 @@ def test_a_compiled_step_trains_as_the_eager_one(capsys):
     # AMD EPYC, under 1e-4 on another CPU. The second epoch's loss above shows the weights compute the same.
     assert float((weights - eager).norm() / eager.norm()) < 2e-3
     assert "test: first step, compiling it, took" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_compiled_decoding_step_decodes_as_the_eager_one(monkeypatch):
+    """The static cache's step under torch.compile (`static_steps`): the eager path's captions in fp32, and
+    batches of 5 and 7 images, both padded to 8, share one compiled step: a recompile would raise."""
+    needs_a_compiler()
+    captioner = tiny_captioner().eval()
+    features = torch.randn(7, EMBEDDING, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("VICLIP_COMPILE", "off")
+    eager = [beam_search(captioner, batch, 3, 20, 1.0) for batch in (features[:5], features)]
+    monkeypatch.setenv("VICLIP_COMPILE", "on")
+    assert beam_search(captioner, features[:5], 3, 20, 1.0) == eager[0]
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    assert beam_search(captioner, features, 3, 20, 1.0) == eager[1]
+    assert list(captioner.static) == [(8, 3, captioner.mapper.prefix_length + 20, False)]
 
 
 def test_fused_adamw_follows_the_warm_up_as_the_foreach_one_does(monkeypatch):
@@ -95,6 +116,7 @@ def test_the_step_compiles_on_a_gpu_unless_told(monkeypatch, value, cpu, gpu):
 
 
 def test_retrieval_and_lora_captioners_stay_eager():
+    """In training and in decoding (`Captioner.start_decoding`)."""
     captioner = tiny_captioner()
     assert captioner.compiles
     captioner.lm.train = "lora"

@@ -22,13 +22,16 @@ from transformers import AutoModelForCausalLM, Gemma2Config
 
 from pipeline.core.config import LoraSettings, dump_config, load_config, parse_config
 from pipeline.core.errors import ViclipError
+from pipeline.decoding.beam import beam_search
 from pipeline.demo import demo_params
 from pipeline.demo.synthetic import caption_groups
 from pipeline.demo.tiny import chat_tokenizer, make_tiny_lm, sentencepiece_tokenizer
 from pipeline.models import CONFIG, load_model
 from pipeline.models.viclipcap import Captioner
+from pipeline.models.viclipcap import captioner as captioner_module
 from pipeline.models.viclipcap.lm import LanguageModel, context_length, load_lm, set_up_lm
 from pipeline.models.viclipcap.mapper import build_mapper
+from pipeline.models.viclipcap.static_steps import StaticSteps
 from pipeline.serve import create_app, load_served
 from tests.conftest import built_once, make_project
 from tests.test_cli import invoke
@@ -246,3 +249,38 @@ def test_decoding_starts_from_the_last_prefix_positions_logits_only(family_lms):
     with torch.no_grad():
         first, _ = model.start_decoding(torch.randn(3, 16), 2)
     assert shapes == [(3, 1, lm.vocab_size)] and first.shape[-1] == lm.vocab_size
+
+
+def stepped_logits(model: Captioner, features: torch.Tensor, beams: int, steps: int) -> list[torch.Tensor]:
+    """The first logits and `steps` steps', each step reordering the rows at random (as beams that survive or
+    not reorder them, but harder) and feeding random tokens."""
+    generator = torch.Generator().manual_seed(2)
+    rows = len(features) * beams
+    with torch.no_grad():
+        first, step = model.start_decoding(features, beams, steps)
+        return [first] + [step(torch.randperm(rows, generator=generator),
+                               torch.randint(first.shape[-1], (rows,), generator=generator)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", *FAMILIES])
+def test_each_family_decodes_on_a_static_cache_what_it_decodes_on_a_growing_one(family_lms, tiny, family, monkeypatch):
+    """The compiled decoding step's cache (`static_steps`), here uncompiled: each step's logits those of the
+    growing cache, and the same captions in fp32; batches of 5 and 7 images padded to 8 share one cache, and a
+    4-token limit fills its last position. MPT's transformers class does not compile whole: it keeps the growing
+    cache."""
+    path = tiny / "models/lm" if family == "gpt2" else family_lms[family]
+    lm = load_lm(str(path), ".", CPU, max_positions=positions(family))
+    torch.manual_seed(0)
+    model = Captioner(build_mapper(config_for(Path("unused"), "frozen").mapper, 16, lm.width), lm).eval()
+    features = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
+    runs = [(features[:5], 20), (features, 20), (features[:3], 4)]
+    growing = [beam_search(model, batch, 3, length, 1.0) for batch, length in runs]
+    growing_logits = stepped_logits(model, features[:5], 3, 6)
+
+    monkeypatch.setattr(captioner_module, "compiling", lambda device: True)
+    monkeypatch.setattr(StaticSteps, "compile", lambda steps: steps)
+    torch.testing.assert_close(stepped_logits(model, features[:5], 3, 6), growing_logits, rtol=1e-4, atol=1e-4)
+    assert [beam_search(model, batch, 3, length, 1.0) for batch, length in runs] == growing
+    prefix = model.mapper.prefix_length + (lm.bos_id is not None)
+    shapes = [(8, 3, prefix + 6, False), (8, 3, prefix + 20, False), (4, 3, prefix + 4, False)]
+    assert list(model.static) == ([] if family == "mpt" else shapes)

@@ -65,8 +65,8 @@ def frozen_dtype(device: torch.device) -> torch.dtype:
 
 
 def compiling(device: torch.device) -> bool:
-    """Whether the training step is compiled (torch.compile; CUDA graphs on a GPU): on a GPU, where a step
-    is otherwise bound by the host issuing kernels one by one. Not by default on a CPU, although a full-size
+    """Whether the training step and the beam-search step are compiled (torch.compile; CUDA graphs on a GPU):
+    on a GPU, where a step is otherwise bound by the host issuing kernels one by one. Not by default on a CPU, although a full-size
     step compiled is 1.4x faster there and repays its compile within minutes (BENCHMARKS.md): it needs a C++
     compiler, and tiny models compile for longer than they train. VICLIP_COMPILE=on|off overrides it."""
     value = os.environ.get("VICLIP_COMPILE", "auto")

@@ -41,7 +41,7 @@ def beam_search(
     images, beams = features.shape[0], beam_size
     device = features.device
 
-    first, step = model.start_decoding(features, beams)
+    first, step = model.start_decoding(features, beams, max_length)
     vocab = first.shape[-1]
     # Tokens that can never be a caption's (special tokens, rows no tokenizer entry maps to) are never chosen.
     never = torch.zeros(vocab, device=device)

@@ -26,7 +26,7 @@ class CaptionModel(nn.Module):
     stop_id: int  # the token that ends a caption
     banned_ids: tuple[int, ...]  # tokens that can never be a caption's: decoding never produces them
     max_tokens: int | None  # the longest caption (stop included) it can learn or decode; None: no limit
-    compiles = False  # whether its training forward is traced whole by torch.compile (`CrossEntropy.compile`)
+    compiles = False  # whether torch.compile traces its training forward whole (`CrossEntropy.compile`), and its decoding step
 
     def record(self) -> dict[str, Any]:
         """What else the model directory's config.json records, and a reloaded model must match."""
@@ -51,9 +51,10 @@ class CaptionModel(nn.Module):
             return self.loss(features, tokens, mask)
         return self.loss(features, tokens, mask, weights)
 
-    def start_decoding(self, features: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
+    def start_decoding(self, features: torch.Tensor, beams: int, length: int | None = None) -> tuple[torch.Tensor, Step]:
         """(N, V) logits of each image's first token, and step(rows, tokens) -> (N * beams, V) logits of
-        the next: row r continues the beam in row rows[r] of the previous step with token tokens[r]."""
+        the next: row r continues the beam in row rows[r] of the previous step with token tokens[r]. `length`,
+        where given, bounds the tokens a caption takes: a model may preallocate its decoding state for it."""
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:

@@ -156,7 +156,7 @@ class ShowAttendTell(CaptionModel):
         cross_entropy = F.cross_entropy(logits[mask].float(), tokens[mask])
         return cross_entropy + self.attention_reg * ((1.0 - attention) ** 2).mean()
 
-    def start_decoding(self, features: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
+    def start_decoding(self, features: torch.Tensor, beams: int, length: int | None = None) -> tuple[torch.Tensor, Step]:
         features = features.float()
         keys, h, c = self._begin(features)
         logits, h, c, _ = self._step(torch.full((len(features),), START, device=features.device), features, keys, h, c)

@@ -396,6 +396,18 @@ def test_the_frozen_lm_is_held_in_the_policys_half_precision(cuda_run):
     assert {p.dtype for p in model.mapper.parameters()} == {torch.float32}
 
 
+@cuda
+def test_the_compiled_decoding_step_decodes_as_the_eager_one_on_cuda(cuda_run, monkeypatch):
+    """fp32 weights, TF32 off: the static cache's captured step (`static_steps`) gives the eager path's captions."""
+    texts = {}
+    for step, setting in (("eager", "off"), ("compiled", "on")):
+        monkeypatch.setenv("VICLIP_COMPILE", setting)
+        texts[step], _ = decode(cuda_run, CUDA)
+    differ = [(a, b) for a, b in zip(texts["eager"], texts["compiled"]) if a != b]
+    report("compiled decoding against eager (fp32)", images=len(texts["eager"]), differ=len(differ))
+    assert not differ, differ[:3]
+
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
         check_all(Path(folder), torch.device(sys.argv[1]) if len(sys.argv) > 1 else CPU)

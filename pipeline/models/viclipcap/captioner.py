@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.config import LmConfig, MapperConfig
+from pipeline.core.devices import compiling
 from pipeline.core.errors import ViclipError
 from pipeline.core.registry import Sections
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore
 from pipeline.models.base import Architecture, CaptionModel, Step, load_weights, register, save_weights
+from pipeline.models.viclipcap import static_steps
 from pipeline.models.viclipcap.lm import LanguageModel, load_lm
 from pipeline.models.viclipcap.loss import frozen_head_cross_entropy
 from pipeline.models.viclipcap.mapper import build_mapper
@@ -52,10 +54,12 @@ class Captioner(CaptionModel):
         self.max_prompt = 0 if retrieval is None else self._longest_prompt(retrieval)
         leading = lm.bos_id is not None  # the beginning-of-sequence token before the prefix
         self.max_tokens = lm.max_positions - leading - mapper.prefix_length - self.max_prompt
+        self.static: dict[tuple, static_steps.StaticSteps] = {}  # a compiled decoding step's, by batch shape
 
     @property
     def compiles(self) -> bool:
-        """Retrieval builds its prompts on the host, and peft's adapters are untried under torch.compile."""
+        """Whether the training forward and the decoding step compile: retrieval builds its prompts on the host,
+        and peft's adapters are untried under torch.compile."""
         return self.retrieval is None and self.lm.train != "lora"
 
     def record(self) -> dict[str, Any]:
@@ -150,16 +154,26 @@ class Captioner(CaptionModel):
             losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")  # (B * T,)
             return (losses * share.flatten()).sum()
 
-    def start_decoding(self, embeddings: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
-        """Run the prefix once; each later step feeds one token per beam on the reordered KV cache."""
-        first, step = self._start_decoding(embeddings, beams)
-        return (first, step) if self.lm.settled(first) else self._start_decoding(embeddings, beams)
+    def start_decoding(self, embeddings: torch.Tensor, beams: int, length: int | None = None) -> tuple[torch.Tensor, Step]:
+        """Run the prefix once; each later step feeds one token per beam on the reordered KV cache. Where the step
+        compiles (`devices.compiling`) and `length` bounds the steps, the cache is static (`static_steps`)."""
+        first, step = self._start_decoding(embeddings, beams, length)
+        if self.lm.settled(first):
+            return first, step
+        self.static.clear()  # caches of the fp16 weights, which are fp32 again
+        return self._start_decoding(embeddings, beams, length)
 
-    def _start_decoding(self, embeddings: torch.Tensor, beams: int) -> tuple[torch.Tensor, Step]:
+    def _start_decoding(self, embeddings: torch.Tensor, beams: int, length: int | None) -> tuple[torch.Tensor, Step]:
         lm = self.lm.model
         keyword = cache_keyword(lm)
         context, real = self.context(embeddings)
         context = self.lm.inputs(context)
+        if length is not None and self.compiles and static_steps.supported(self.lm) and compiling(embeddings.device):
+            # One cache and compiled step per shape (and per weight dtype: an fp16 overflow's fall-back is another).
+            shape = (static_steps.padded_images(len(context)), beams, context.shape[1] + length, self.lm.fell_back)
+            if shape not in self.static:
+                self.static[shape] = static_steps.StaticSteps(self.lm, keyword, *shape[:3]).compile()
+            return self.static[shape].start(context)
         # The last position's logits alone: the others would be (B, P, V), 2.4 GB for BLOOM's vocabulary at
         # batch 64 and prefix 40.
         with self.lm.compute():
