@@ -51,9 +51,15 @@ def pair(stage: str) -> tuple[dict, dict]:
 
 def extract() -> list[dict]:
     ours, theirs = pair("extract")
-    return [row("extract", "images/s from JPEG files", "img/s",
+    rows = [row("extract", "images/s from JPEG files", "img/s",
                 ours["images"] / ours["seconds"], theirs["images"] / theirs["seconds"]),
             row("extract", "peak memory (process)", "MB", ours["peak_mb"], theirs["peak_mb"])]
+    if ours["jpeg_decoder"] != "pillow":  # decoded on the device: against Pillow in the loader's workers
+        workers = run_case("extract", "workers")
+        rows.append(row("extract", f"JPEGs decoded by {ours['jpeg_decoder']} against by Pillow in the workers "
+                        "(viclip: device, reference: workers)", "img/s",
+                        ours["images"] / ours["seconds"], workers["images"] / workers["seconds"]))
+    return rows
 
 
 def train(device: torch.device) -> list[dict]:
@@ -64,18 +70,7 @@ def train(device: torch.device) -> list[dict]:
         row("train", "tokens/s", "tokens/s", ours["tokens"] / ours["seconds"], theirs["tokens"] / theirs["seconds"]),
         row("train", "peak memory", "MB", ours["peak_mb"], theirs["peak_mb"]),
     ]
-    if device.type == "cpu" and not ours["compiled"] and shutil.which("g++") is None:
-        print("benchmark train: no g++, so no compiled step to time against the eager one", file=sys.stderr)
-    else:
-        # The step the device does not run by default, against the one it does: compiled against eager.
-        other = run_case("train", "eager" if ours["compiled"] else "compiled")
-        compiled, eager = (ours, other) if ours["compiled"] else (other, ours)
-        rows += [
-            row("train", "compiled step against the eager one (viclip: compiled, reference: eager)", "captions/s",
-                compiled["captions"] / compiled["seconds"], eager["captions"] / eager["seconds"],
-                default="compiled" if ours["compiled"] else "eager"),
-            row("train", "first epoch, compiling the step included", "s", compiled["warm_up_seconds"]),
-        ]
+    rows += compiled_against_eager("train", ours, "captions", "first epoch, compiling the step included")
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((p for key, p in BF16_PEAKS if key in name), float("nan"))
@@ -88,11 +83,30 @@ def train(device: torch.device) -> list[dict]:
     return rows
 
 
+def compiled_against_eager(stage: str, ours: dict, unit: str, warm_up: str) -> list[dict]:
+    """The step the device does not run by default, against the one it does: compiled against eager, in `unit`s
+    a second; and the compiled case's warm-up (`warm_up`), its compiles included."""
+    if not ours["compiled"] and shutil.which("g++") is None:
+        print(f"benchmark {stage}: no g++, so no compiled step to time against the eager one", file=sys.stderr)
+        return []
+    other = run_case(stage, "eager" if ours["compiled"] else "compiled")
+    compiled, eager = (ours, other) if ours["compiled"] else (other, ours)
+    return [row(stage, "compiled step against the eager one (viclip: compiled, reference: eager)", f"{unit}/s",
+                compiled[unit] / compiled["seconds"], eager[unit] / eager["seconds"],
+                default="compiled" if ours["compiled"] else "eager"),
+            row(stage, warm_up, "s", compiled["warm_up_seconds"])]
+
+
 def decode() -> list[dict]:
     ours, theirs = pair("decode")
-    return [row("decode", "captions/s, beam 5, full length", "captions/s",
+    rows = [row("decode", "captions/s, beam 5, full length", "captions/s",
                 ours["captions"] / ours["seconds"], theirs["captions"] / theirs["seconds"]),
             row("decode", "peak memory", "MB", ours["peak_mb"], theirs["peak_mb"])]
+    rows += compiled_against_eager("decode", ours, "captions", "first pass over the images, compiling the step included")
+    if ours["captions"] == workload.TEST_IMAGES:  # a GPU's workload
+        rows.append(row("decode", f"KTVIC test split: {workload.TEST_IMAGES} images, beam 5, full length", "s",
+                        ours["seconds"]))
+    return rows
 
 
 def profile() -> list[dict]:

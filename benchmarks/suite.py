@@ -36,7 +36,7 @@ from pipeline.core.devices import FEATURE_BUDGET, autocast, compiling
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore, open_store, write_store
 from pipeline.decoding.beam import beam_search
-from pipeline.encoders.images import FileLoader
+from pipeline.encoders.images import FileLoader, jpeg_decoder
 from pipeline.evaluation.metrics import score_captions
 from pipeline.models import architecture
 from pipeline.models.base import trainable_parameters
@@ -67,6 +67,9 @@ def _batch_size() -> int:
 
 
 def extract(device: torch.device, impl: str) -> Case:
+    """impl viclip: extraction as `viclip extract` runs it on this device (JPEG files decoded on the device or by
+    Pillow in the loader's workers: `devices.jpegs_on_device`); workers: by Pillow, whatever the device;
+    reference: the reference's."""
     count = SIZES[device.type]["extract"][impl == "reference"]
     encoder = workload.clip_encoder(device)
     folder = tempfile.mkdtemp()
@@ -75,11 +78,13 @@ def extract(device: torch.device, impl: str) -> Case:
     # without the GPU machine spending minutes writing JPEGs.
     written = workload.write_images(Path(folder), min(count, EXTRACT_FILES))
     files = [written[n % len(written)] for n in range(count)]
-    if impl == "viclip":
+    if impl != "reference":
+        if impl == "workers":
+            os.environ["VICLIP_DEVICE_JPEGS"] = "off"  # read by the loader, in this case's process
         workers = min(16, torch.get_num_threads() if device.type == "cpu" else 16)
         loader = FileLoader(encoder, files, 64, workers, device)
         list(loader.encode(range(64)))  # warm-up: the workers start, kernels and allocator at the batch size
-        return (lambda: list(loader.encode())), {"images": count}
+        return (lambda: list(loader.encode())), {"images": count, "jpeg_decoder": jpeg_decoder(encoder, device)}
     reference.extract(encoder, files[:1], 1, device)  # warm-up: kernels, allocator
     return (lambda: reference.extract(encoder, files, workload.CAPTIONS_PER_IMAGE, device)), {"images": count}
 
@@ -152,9 +157,10 @@ def train(device: torch.device, impl: str) -> Case:
 def profile(device: torch.device, impl: str) -> Case:
     """impl train: one training step (one batch) as `viclip train` runs it on this device, after two warm-up
     steps (a compiled step is compiled, then recorded as CUDA graphs); impl decode: one beam-search batch at the
-    score stage's batch size, per step. Each under torch.profiler (`measure.profiled`)."""
+    score stage's batch size, per step, as `viclip score` runs it (compiled or not). Each under torch.profiler
+    (`measure.profiled`)."""
     captioner = workload.captioner(device)
-    figures: dict[str, Any] = {"compiled": impl == "train" and compiling(device)}
+    figures: dict[str, Any] = {"compiled": compiling(device)}
     if impl == "train":
         data = caption_set(workload.captions(_batch_size() // workload.CAPTIONS_PER_IMAGE), captioner, device)
         forward = compile_forward(captioner, device) if figures["compiled"] else None
@@ -164,7 +170,8 @@ def profile(device: torch.device, impl: str) -> Case:
     else:
         batch = torch.from_numpy(workload.captions(min(workload.params().score.batch_size,
                                                        SIZES[device.type]["decode"][0])).embeddings).to(device)
-        beam_search(captioner, batch[:2], BEAM, MAX_LENGTH, 1.0)  # warm-up
+        # Warm-up: a compiled step is compiled and captured for this batch's shape; an eager one warms its kernels.
+        beam_search(captioner, batch if figures["compiled"] else batch[:2], BEAM, MAX_LENGTH, 1.0)
         work, steps = functools.partial(beam_search, captioner, batch, BEAM, MAX_LENGTH, 1.0), MAX_LENGTH
     return (lambda: figures.update(profiled(work, device, steps))), figures
 
@@ -183,14 +190,22 @@ def _matrix_flops(captioner, data: CaptionSet) -> float:
 
 
 def decode(device: torch.device, impl: str) -> Case:
+    """impl viclip: beam search as `viclip score` runs it on this device (its step compiled or not,
+    `devices.compiling`); eager and compiled: the step either way, whatever the device; reference: the reference's."""
     images = SIZES[device.type]["decode"][impl == "reference"]
-    captioner = workload.captioner(device, impl)
+    captioner = workload.captioner(device, "reference" if impl == "reference" else "viclip")
     embeddings = torch.from_numpy(workload.captions(images).embeddings).to(device)
-    if impl == "viclip":
+    if impl != "reference":
+        compiled = impl == "compiled" or (impl == "viclip" and compiling(device))
+        os.environ["VICLIP_COMPILE"] = "on" if compiled else "off"  # read by the captioner, in this case's process
         batch_size = workload.params().score.batch_size
-        beam_search(captioner, embeddings[:2], BEAM, MAX_LENGTH, 1.0)  # warm-up
         work = lambda: [beam_search(captioner, b, BEAM, MAX_LENGTH, 1.0) for b in embeddings.split(batch_size)]  # noqa: E731
-        return work, {"captions": images}
+        started = time.perf_counter()
+        if compiled:  # every batch once, so that each batch shape is compiled (and captured) before the timed run
+            work()
+        else:
+            beam_search(captioner, embeddings[:2], BEAM, MAX_LENGTH, 1.0)
+        return work, {"captions": images, "compiled": compiled, "warm_up_seconds": time.perf_counter() - started}
     reference.beam_search(captioner, embeddings[0], BEAM, 4)  # warm-up
     return (lambda: [reference.beam_search(captioner, e, BEAM, MAX_LENGTH) for e in embeddings]), {"captions": images}
 
