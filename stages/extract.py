@@ -19,6 +19,7 @@ from pipeline.data.chunks import SplitChunks
 from pipeline.data.datasets import SPLITS, load_dataset
 from pipeline.data.features import write_store
 from pipeline.encoders import encoder_attrs, load_encoder
+from pipeline.encoders.images import jpeg_decoder
 
 LISTED = 10  # bad images named in the error; a dataset whose images are elsewhere has thousands
 
@@ -32,7 +33,8 @@ def run(
     device = best_device()
     family, settings = registry.STORES[store].encoder, getattr(config, store)
     encoder = load_encoder(family, settings, device)
-    attrs = {**encoder_attrs(family, settings), **dataset.attrs(), "precision": encoder.precision}
+    attrs = {**encoder_attrs(family, settings), **dataset.attrs(), "precision": encoder.precision,
+             "jpeg_decoder": jpeg_decoder(encoder, device)}
 
     encoded = []  # (split, its chunks, its bad images: (record, why))
     for split in splits:

@@ -66,12 +66,25 @@ def frozen_dtype(device: torch.device) -> torch.dtype:
 
 def compiling(device: torch.device) -> bool:
     """Whether the training step and the beam-search step are compiled (torch.compile; CUDA graphs on a GPU):
-    on a GPU, where a step is otherwise bound by the host issuing kernels one by one. Not by default on a CPU, although a full-size
-    step compiled is 1.4x faster there and repays its compile within minutes (BENCHMARKS.md): it needs a C++
-    compiler, and tiny models compile for longer than they train. VICLIP_COMPILE=on|off overrides it."""
-    value = os.environ.get("VICLIP_COMPILE", "auto")
+    on a GPU, where a step is otherwise bound by the host issuing kernels one by one. Not by default on a CPU,
+    although a full-size step compiled is 1.4x faster there and repays its compile within minutes (BENCHMARKS.md):
+    it needs a C++ compiler, and tiny models compile for longer than they train. VICLIP_COMPILE=on|off overrides it."""
+    return _switch("VICLIP_COMPILE", device)
+
+
+def jpegs_on_device(device: torch.device) -> bool:
+    """Whether JPEG files are decoded on the device (nvJPEG, through torchvision, on a GPU) rather than by Pillow in
+    the loader's workers: on a GPU, whose decoder keeps pace with the encoder where a machine's cores may not.
+    VICLIP_DEVICE_JPEGS=on|off overrides it; `on` on a CPU decodes them in the main process (torchvision's
+    libjpeg-turbo), which the tests use to run the device's path."""
+    return _switch("VICLIP_DEVICE_JPEGS", device)
+
+
+def _switch(variable: str, device: torch.device) -> bool:
+    """An environment setting of on, off or auto (unset): auto is on on a GPU, off elsewhere."""
+    value = os.environ.get(variable, "auto")
     if value not in ("auto", "on", "off"):
-        raise ViclipError(f"VICLIP_COMPILE={value!r}: expected one of auto, on, off")
+        raise ViclipError(f"{variable}={value!r}: expected one of auto, on, off")
     return device.type == "cuda" if value == "auto" else value == "on"
 
 

@@ -7,11 +7,13 @@ Layout of `<split>.h5`:
   attributes  what produced the rows (format, the encoder's own attributes,
               embedding_dim, dtype, split) and which images were skipped as
               unreadable (skipped_ids, skipped_images); for information, the
-              precision the encoder ran at (precision)
+              precision the encoder ran at (precision) and what decoded the
+              JPEG files (jpeg_decoder: pillow, or torchvision on the GPU)
 
 A store is a contract: readers name the attributes they rely on and
-`open_store` refuses a file whose attributes differ. The precision is not one
-of them: a store extracted on a GPU serves a CPU run as well.
+`open_store` refuses a file whose attributes differ. The precision and the
+JPEG decoder are not among them: a store extracted on a GPU serves a CPU run
+as well.
 """
 
 from __future__ import annotations

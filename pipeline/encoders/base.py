@@ -59,6 +59,28 @@ def split_preprocess(transform: Preprocess) -> tuple[Preprocess, Standardise]:
     return transforms.Compose([*steps[:-2], transforms.PILToTensor()]), Standardise(normalize.mean, normalize.std)
 
 
+def on_tensors(preprocess: Preprocess) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`split_preprocess`'s first half for a decoded (3, H, W) uint8 RGB tensor, on whatever device it is: for
+    images decoded on the device. torchvision's Resize and CenterCrop take tensors as they take images (Resize's
+    antialiased bicubic on a tensor is close to Pillow's, not equal), and a conversion to RGB is the decoder's
+    own. None where another step stands: it may take images alone."""
+    from torchvision import transforms
+
+    kept = []
+    for step in getattr(preprocess, "transforms", [preprocess]):
+        if isinstance(step, (transforms.Resize, transforms.CenterCrop)):
+            kept.append(step)
+        elif not (isinstance(step, transforms.PILToTensor) or _to_rgb(step)):
+            return None
+    return transforms.Compose(kept)
+
+
+def _to_rgb(step: Preprocess) -> bool:
+    """Whether a step is open_clip's conversion to RGB, as its releases write it: a function, or a class."""
+    named = getattr(step, "__name__", None) or type(step).__name__
+    return named == "_convert_to_rgb" or (named == "MaybeConvertMode" and getattr(step, "mode", None) == "RGB")
+
+
 @dataclass(frozen=True)
 class EncoderFamily:
     """One encoder family: the store attributes it writes, and how to load it, each from a store's params section."""

@@ -39,6 +39,7 @@ from pipeline.decoding.beam import caption_features
 from pipeline.demo import demo_params
 from pipeline.demo.synthetic import caption_groups, make_dataset
 from pipeline.demo.tiny import make_tiny_clip, make_tiny_lm
+from pipeline.encoders.base import split_preprocess
 from pipeline.evaluation.text import protocol_text
 from pipeline.models import CONFIG, load_model
 from pipeline.training.batches import CaptionSet
@@ -46,6 +47,7 @@ from pipeline.training.cross_entropy import CrossEntropy, compile_forward, train
 from pipeline.training.optimisation import Optimisation
 import stages.extract
 import stages.train
+from tests.test_encoders import JPEG_MAX_GAP, JPEG_MEAN_GAP, jpeg_gaps
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -263,7 +265,8 @@ def check_all(root: Path, device: torch.device, reference_device: torch.device =
     """The whole check, outside pytest: `device` against `reference_device` (cpu against cpu for a dry run)."""
     params = build_project(root, tiny)
     reference = run_stages(params, root / "reference", reference_device)
-    other = run_stages(params, root / "device", device)
+    # A dry run (cpu against cpu) checks the check's own code: the run against itself, not a second one.
+    other = reference if device == reference_device else run_stages(params, root / "device", device)
     check_extraction(reference, other)
     check_training(reference, reference_device, other, device)
     expected, _ = decode(other, reference_device)
@@ -406,6 +409,20 @@ def test_the_compiled_decoding_step_decodes_as_the_eager_one_on_cuda(cuda_run, m
     differ = [(a, b) for a, b in zip(texts["eager"], texts["compiled"]) if a != b]
     report("compiled decoding against eager (fp32)", images=len(texts["eager"]), differ=len(differ))
     assert not differ, differ[:3]
+
+
+@cuda
+def test_jpegs_decoded_by_nvjpeg_are_pillows_pixels_within_a_few_levels(tmp_path):
+    """The bounds the CPU suite holds torchvision's CPU decoder to (tests/test_encoders.py), here on nvJPEG, with
+    ViT-B/32's preprocess, on the extract benchmark's JPEGs."""
+    import open_clip
+
+    from benchmarks.workload import write_images
+
+    preprocess, _ = split_preprocess(open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)[2])
+    gaps = jpeg_gaps(preprocess, write_images(tmp_path, 8), CUDA)
+    report("nvJPEG against Pillow (levels of 255)", largest=max(g for g, _ in gaps), mean=max(m for _, m in gaps))
+    assert all(most <= JPEG_MAX_GAP and mean < JPEG_MEAN_GAP for most, mean in gaps), gaps
 
 
 if __name__ == "__main__":
