@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -151,6 +152,16 @@ def test_a_transform_that_does_not_end_in_to_tensor_normalize_is_refused(steps, 
     with pytest.raises(ViclipError, match="does not end in ToTensor, Normalize") as refused:
         split_preprocess(transforms.Compose(steps))
     assert named in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_jpegs_stay_with_pillow_where_a_preprocess_step_takes_images_alone(monkeypatch):
+    monkeypatch.setenv("VICLIP_DEVICE_JPEGS", "on")
+    ends = [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]
+    resize, crop = transforms.Resize(8), transforms.CenterCrop(8)
+    assert on_tensors(split_preprocess(transforms.Compose([resize, crop, *ends]))[0]).transforms == [resize, crop]
+    other, _ = split_preprocess(transforms.Compose([resize, transforms.Lambda(lambda image: image), *ends]))
+    assert on_tensors(other) is None
+    assert jpeg_decoder(SimpleNamespace(preprocess=other), CPU) == "pillow"
 
 
 @dataclasses.dataclass
