@@ -282,5 +282,5 @@ def test_each_family_decodes_on_a_static_cache_what_it_decodes_on_a_growing_one(
     torch.testing.assert_close(stepped_logits(model, features[:5], 3, 6), growing_logits, rtol=1e-4, atol=1e-4)
     assert [beam_search(model, batch, 3, length, 1.0) for batch, length in runs] == growing
     prefix = model.mapper.prefix_length + (lm.bos_id is not None)
-    shapes = [(8, 3, prefix + 6, False), (8, 3, prefix + 20, False), (4, 3, prefix + 4, False)]
+    shapes = [(8, 3, prefix + 6), (8, 3, prefix + 20), (4, 3, prefix + 4)]
     assert list(model.static) == ([] if family == "mpt" else shapes)

@@ -421,7 +421,7 @@ def test_jpegs_decoded_by_nvjpeg_are_pillows_pixels_within_a_few_levels(tmp_path
 
     preprocess, _ = split_preprocess(open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)[2])
     gaps = jpeg_gaps(preprocess, write_images(tmp_path, 8), CUDA)
-    report("nvJPEG against Pillow (levels of 255)", largest=max(g for g, _ in gaps), mean=max(m for _, m in gaps))
+    report("nvJPEG against Pillow (levels of 255)", largest=max(g for g, _ in gaps), largest_mean=max(m for _, m in gaps))
     assert all(most <= JPEG_MAX_GAP and mean < JPEG_MEAN_GAP for most, mean in gaps), gaps
 
 

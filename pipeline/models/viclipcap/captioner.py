@@ -169,10 +169,10 @@ class Captioner(CaptionModel):
         context, real = self.context(embeddings)
         context = self.lm.inputs(context)
         if length is not None and self.compiles and static_steps.supported(self.lm) and compiling(embeddings.device):
-            # One cache and compiled step per shape (and per weight dtype: an fp16 overflow's fall-back is another).
-            shape = (static_steps.padded_images(len(context)), beams, context.shape[1] + length, self.lm.fell_back)
+            # One cache and compiled step per shape; an fp16 overflow's fall-back clears them (`start_decoding`).
+            shape = (static_steps.padded_images(len(context)), beams, context.shape[1] + length)
             if shape not in self.static:
-                self.static[shape] = static_steps.StaticSteps(self.lm, keyword, *shape[:3]).compile()
+                self.static[shape] = static_steps.StaticSteps(self.lm, keyword, *shape).compile()
             return self.static[shape].start(context)
         # The last position's logits alone: the others would be (B, P, V), 2.4 GB for BLOOM's vocabulary at
         # batch 64 and prefix 40.
