@@ -1,12 +1,16 @@
 """Each DVC stage depends on the code it runs, as a run of the stage shows it.
 
 Every stage's `cmd` from dvc.yaml runs on a small project, in dependency order (two independent
-stages at a time: a traced process spends most of its time importing, on one core), each in a fresh
-process as DVC runs it, under a global trace function that notes the source file of every
-function body called. A file of pipeline/ or stages/ counts only when code of one of its
-functions runs outside the import of a project module: the registries (models/, encoders/)
-import every model and encoder, and registering them is no stage's work, so the trace sees only
-the model and encoder a stage actually uses.
+stages at a time), each in a process of its own under a global trace function that notes the source
+file of every function body called. Each process is forked from a zygote that has imported the
+third-party packages the project's code imports, untraced (their import is no stage's code, and,
+traced anew in every stage's process, it was most of this test's time), and nothing of pipeline/ or
+stages/: the stage imports those afresh, as the fresh process DVC starts does.
+
+A file of pipeline/ or stages/ counts only when code of one of its functions runs outside the import
+of a project module: the registries (models/, encoders/) import every model and encoder, and
+registering them is no stage's work, so the trace sees only the model and encoder a stage actually
+uses.
 
 A module that defines no function (constants, exception classes, plain dataclasses) has no code
 for a trace to see, so such a module counts whenever the stage imports it: its values may have
@@ -24,14 +28,14 @@ import ast
 import functools
 import json
 import operator
+import queue
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import IO
 
 import pytest
 
@@ -40,14 +44,19 @@ from pipeline.core.config import dump_config, load_config, yaml_parser
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs `viclip ARGS...` as pipeline.cli.main() under the trace, then prints what ran and what was
-# imported (paths relative to the checkout) as JSON on its last stdout line.
-BOOTSTRAP = """
-import inspect, json, os, sys, threading
+# The zygote: imports the statements in argv[2], then for each line [output file, args] on stdin forks a child
+# that runs `viclip ARGS...` as pipeline.cli.main() under the trace and prints what ran and what was imported
+# (paths relative to the checkout) as JSON on its last line of output; answers with the child's exit status.
+ZYGOTE = """
+import inspect, json, os, sys, threading, traceback
 
-root, args = sys.argv[1], sys.argv[2:]
+root, imports = sys.argv[1], json.loads(sys.argv[2])
+for statement in imports:
+    try:
+        exec(statement, {})
+    except Exception:  # an optional package this machine lacks: a stage that needs it fails on its own
+        pass
 code = tuple(os.path.join(root, package, "") for package in ("pipeline", "stages"))
-ran = set()
 
 
 # Calls made while a project module is imported (registering a model, say) are no stage's work.
@@ -59,29 +68,68 @@ def importing(frame):
     return False
 
 
-def trace(frame, event, arg):
-    path = frame.f_code.co_filename
-    # CO_OPTIMIZED: a function body, not a module or class body. Returning None asks for no line events.
-    if path not in ran and path.startswith(code) and frame.f_code.co_flags & inspect.CO_OPTIMIZED \\
-            and not importing(frame):
-        ran.add(path)
+def stage(args):
+    ran = set()
+
+    def trace(frame, event, arg):
+        path = frame.f_code.co_filename
+        # CO_OPTIMIZED: a function body, not a module or class body. Returning None asks for no line events.
+        if path not in ran and path.startswith(code) and frame.f_code.co_flags & inspect.CO_OPTIMIZED \\
+                and not importing(frame):
+            ran.add(path)
+
+    sys.argv = ["viclip", *args]
+    sys.settrace(trace)
+    threading.settrace(trace)
+    from pipeline.cli import main
+
+    try:
+        main()
+    finally:  # the CLI ends with sys.exit, also on success
+        sys.settrace(None)
+        imported = {getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}
+        print(json.dumps({
+            "ran": sorted(os.path.relpath(p, root) for p in ran),
+            "imported": sorted(os.path.relpath(p, root) for p in imported if p.startswith(code)),
+        }))
 
 
-sys.argv = ["viclip", *args]
-sys.settrace(trace)
-threading.settrace(trace)
-from pipeline.cli import main
-
-try:
-    main()
-finally:  # the CLI ends with sys.exit, also on success
-    sys.settrace(None)
-    imported = {getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}
-    print(json.dumps({
-        "ran": sorted(os.path.relpath(p, root) for p in ran),
-        "imported": sorted(os.path.relpath(p, root) for p in imported if p.startswith(code)),
-    }))
+for line in sys.stdin:
+    output, args = json.loads(line)
+    child = os.fork()
+    if child == 0:
+        written = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(written, 1)
+        os.dup2(written, 2)
+        status = 1
+        try:
+            stage(args)
+        except SystemExit as exit:
+            status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        except BaseException:
+            traceback.print_exc()
+        finally:  # the child never returns to the zygote's loop
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
 """
+
+
+def third_party_imports() -> list[str]:
+    """Every import statement of pipeline/ and stages/ that names none of their modules, as source."""
+    statements = set()
+    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            if not any(module.split(".")[0] in ("pipeline", "stages", "__future__") for module in modules):
+                statements.add(ast.unparse(node))
+    return sorted(statements)
 
 
 def defines_no_function(path: str) -> bool:
@@ -93,21 +141,20 @@ def defines_no_function(path: str) -> bool:
     return not any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) for node in ast.walk(tree))
 
 
-def start_stage(cmd: str, cwd: Path) -> tuple[subprocess.Popen, IO[str]]:
+def run_stage(cmd: str, zygotes: queue.SimpleQueue, output: Path) -> set[str]:
+    """The code files the stage's command ran, or imported and could only read values from."""
     program, *args = shlex.split(cmd)
     assert program == "viclip", cmd
-    # Output to a file, not a pipe: a pipe nobody reads until the end could fill and stall the stage.
-    output = tempfile.TemporaryFile("w+")
-    return subprocess.Popen([sys.executable, "-c", BOOTSTRAP, str(ROOT), *args], cwd=cwd, stdout=output,
-                            stderr=subprocess.STDOUT, text=True), output
-
-
-def stage_code(cmd: str, process: subprocess.Popen, output: IO[str]) -> set[str]:
-    """The code files the stage's command ran, or imported and could only read values from."""
-    process.wait()
-    output.seek(0)
-    text = output.read()
-    assert process.returncode == 0, f"{cmd}:\n{text}"
+    zygote = zygotes.get()
+    try:
+        zygote.stdin.write(json.dumps([str(output), args]) + "\n")
+        zygote.stdin.flush()
+        status = zygote.stdout.readline()
+    finally:
+        zygotes.put(zygote)
+    text = output.read_text() if output.exists() else ""
+    assert status, f"{cmd}: the zygote ended (exit status {zygote.wait()})"
+    assert int(status) == 0, f"{cmd}:\n{text}"
     trace = json.loads(text.splitlines()[-1])
     return set(trace["ran"]) | {path for path in trace["imported"] if defines_no_function(path)}
 
@@ -129,17 +176,27 @@ def run_stages(stages: dict, params: dict, cwd: Path, at_once: int = 2) -> dict[
                if dep == out or dep.startswith(f"{out}/")}
         for name, stage in stages.items()
     }
+    zygotes = queue.SimpleQueue()
+    started = [subprocess.Popen([sys.executable, "-c", ZYGOTE, str(ROOT), json.dumps(third_party_imports())],
+                                cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for _ in range(at_once)]
+    for zygote in started:
+        zygotes.put(zygote)
     pending, running, code = list(stages), {}, {}
-    while pending or running:
-        for name in [n for n in pending if needs[n] <= code.keys()][: at_once - len(running)]:
-            pending.remove(name)
-            running[name] = start_stage(stages[name]["cmd"], cwd)
-        assert running, f"stages waiting on each other: {pending}"
-        name = next((n for n, (process, _) in running.items() if process.poll() is not None), None)
-        if name is None:
-            time.sleep(0.05)
-            continue
-        code[name] = stage_code(stages[name]["cmd"], *running.pop(name))
+    try:
+        with tempfile.TemporaryDirectory() as outputs, ThreadPoolExecutor(at_once) as pool:
+            while pending or running:
+                for name in [n for n in pending if needs[n] <= code.keys()]:
+                    pending.remove(name)
+                    running[pool.submit(run_stage, stages[name]["cmd"], zygotes, Path(outputs) / name)] = name
+                assert running, f"stages waiting on each other: {pending}"
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    code[running.pop(future)] = future.result()
+    finally:
+        for zygote in started:
+            zygote.stdin.close()
+            zygote.wait()
     return code
 
 
