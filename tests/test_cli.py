@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as photos
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.core.config import dump_config, load_config
 from pipeline.core.registry import MODELS
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
+from tests.conftest import invoke
 
 
 def assert_clear_error(result, *fragments: str) -> str:
@@ -261,7 +256,7 @@ def test_a_stop_text_of_several_tokens_is_one_clear_line(project):
 def test_score_records_unfinished_captions_and_warns(project):
     assert invoke("extract").exit_code == 0 and invoke("train").exit_code == 0
     edit_params(project, "score", "max_length", 1)  # one token: no caption can both say something and stop
-    result = CliRunner().invoke(app, ["score"])
+    result = invoke("score")
     assert result.exit_code == 0, result.output
     metrics = json.loads((project / "artifacts/metrics/viclipcap.json").read_text())
     assert metrics["unfinished"] == 4 and metrics["max_length"] == 1

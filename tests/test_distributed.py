@@ -24,14 +24,25 @@ from safetensors.numpy import load_file
 from pipeline.core.config import dump_config, load_config
 from pipeline.core.registry import MODELS
 from pipeline.demo import dvc
-from tests.conftest import VICLIP
+from tests.conftest import VICLIP, invoke
 
 pytestmark = pytest.mark.slow
-FP32 = {"VICLIP_PRECISION": "fp32"}  # this CPU would pick bf16; the comparisons are in fp32
+
+
+@pytest.fixture(autouse=True)
+def fp32(monkeypatch):
+    """This CPU would pick bf16; the comparisons are in fp32, here and in the processes the tests start."""
+    monkeypatch.setenv("VICLIP_PRECISION", "fp32")
+
+
+def extract(store: str = "clip") -> None:
+    """The store the runs below read, extracted in this process: which process writes it is not under test."""
+    result = invoke("extract", "--store", store)
+    assert result.exit_code == 0, result.output
 
 
 def run(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*VICLIP, *args], capture_output=True, text=True, env={**os.environ, **FP32, **(env or {})})
+    result = subprocess.run([*VICLIP, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -39,7 +50,7 @@ def run(*args: str, env: dict[str, str] | None = None, check: bool = True) -> su
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([*VICLIP, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **FP32, **(env or {})})
+                            env={**os.environ, **(env or {})})
 
 
 def edit(project: Path, **changes) -> None:
@@ -67,7 +78,7 @@ def test_two_processes_train_and_score_as_one(project):
     launcher trains SCST on two in the DVC test below, and scores here); scored on two by VICLIP_NPROC."""
     # 55 training captions in batches of 27: the last batch is one caption, so one rank's share is empty.
     edit(project, train__viclipcap__epochs=3, train__viclipcap__batch_size=27, score__batch_size=1)
-    run("extract")
+    extract()
     run("train")
     run("score")
     one = {name: (project / "artifacts" / name).read_bytes() for name in
@@ -78,8 +89,8 @@ def test_two_processes_train_and_score_as_one(project):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     command = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                f"localhost:{_free_port()}", "--rdzv-id", uuid.uuid4().hex, "-m", "pipeline.cli", "train"]
-    machines = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, **FP32}) for _ in range(2)]
+    machines = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
     outputs = [machine.communicate(timeout=600) for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], outputs
     assert sum(out.count("train viclipcap:") for out, _ in outputs) == 1  # rank 0 alone prints
@@ -142,7 +153,7 @@ def test_train_resumes_after_sigkill_and_ends_as_an_uninterrupted_run(project):
     # Cross-entropy, then SCST from its model (whose first validation, of the starting model, the checkpoint keeps).
     edit(project, train__viclipcap__epochs=30, train__viclipcap__patience=30,
          train__viclipcap_scst__epochs=6, train__viclipcap_scst__patience=6)  # an SCST epoch samples: longer
-    run("extract")
+    extract()
     for model, epochs in (("viclipcap", 30), ("viclipcap_scst", 6)):
         run("train", "--model", model)
         model_dir, checkpoint = project / f"artifacts/models/{model}", project / f"artifacts/models/.{model}.resume.pt"
@@ -173,7 +184,7 @@ def test_train_resumes_after_sigkill_and_ends_as_an_uninterrupted_run(project):
 
 def test_a_checkpoint_of_other_settings_is_ignored(project):
     edit(project, train__viclipcap__epochs=30, train__viclipcap__patience=30)
-    run("extract")
+    extract()
     checkpoint = project / "artifacts/models/.viclipcap.resume.pt"
     _kill_after_checkpoint(start("train"), checkpoint)
 
@@ -234,7 +245,7 @@ def _rank_pid(marker: str, rank: int) -> int | None:
 
 def test_a_killed_rank_ends_the_run_with_an_error_not_a_hang(project):
     edit(project, train__viclipcap__epochs=200, train__viclipcap__patience=200)
-    run("extract")
+    extract()
     marker = uuid.uuid4().hex
     process = start("train", env={"VICLIP_NPROC": "2", "VICLIP_TEST_MARKER": marker})
     checkpoint = project / "artifacts/models/.viclipcap.resume.pt"
@@ -257,7 +268,7 @@ def test_a_killed_rank_ends_the_run_with_an_error_not_a_hang(project):
 @pytest.mark.parametrize("model", ["viclipcap", "cnn_lstm"])
 def test_a_store_over_the_memory_budget_is_streamed_with_the_same_result(project, model):
     edit(project, **{f"train__{model}__epochs": 2})
-    run("extract", "--store", MODELS[model].store)
+    extract(MODELS[model].store)
     run("train", "--model", model)
     in_memory = (project / "artifacts/models" / model).glob("*.safetensors")
     in_memory = {p.name: p.read_bytes() for p in in_memory}

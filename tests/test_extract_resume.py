@@ -15,21 +15,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import pipeline.data.chunks
-from pipeline.cli import app
 from pipeline.core.config import dump_config, load_config
 from pipeline.data.datasets import load_splits
 from pipeline.data.features import FeatureStore, open_store
 from pipeline.demo.synthetic import make_dataset
+from tests.conftest import invoke
 
 VICLIP = [sys.executable, "-m", "pipeline.cli"]
 BATCH = 2  # images per batch: small, so that a small split makes many chunks
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
 
 
 def edit(project: Path, section: str, params: str = "params.yaml", **values) -> None:

@@ -13,9 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.activations import NewGELUActivation
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.core import paths
 from pipeline.core.config import dump_config, load_config
 from pipeline.core.errors import ViclipError
@@ -28,12 +26,9 @@ from pipeline.demo.tiny import make_tiny_lm, news_documents
 from pipeline.models import load_model
 from pipeline.models.viclipcap import Captioner
 from pipeline.models.viclipcap.lm import load_lm
+from tests.conftest import invoke
 
 CPU = torch.device("cpu")
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
 
 
 def use_lm(project, directory, stop=".") -> None:
