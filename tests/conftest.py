@@ -1,11 +1,12 @@
 """Two session fixtures, each built once for the whole run, however many workers share it:
 
-- `tiny`: the demo's synthetic data and tiny models (a tiny CLIP, a random ResNet-18, a tiny GPT-2 and its
-  tokenizer) in a folder laid out as `viclip demo` lays it out, without running the pipeline (about a
-  minute). Tests that need only tiny models take them from here, as does the small `project`.
 - `demo`: `viclip demo` run as a user runs it, from an empty folder. Its feature stores, trained models and
   metrics are shared, read-only, by the end-to-end tests. It takes minutes, so it starts in the background
   as soon as a run that collected such a test begins, and those tests come last: the others run meanwhile.
+- `tiny`: the demo's synthetic data and tiny models (a tiny CLIP, a random ResNet-18, a tiny GPT-2 and its
+  tokenizer), laid out as `viclip demo` lays them out. Tests that need only tiny models take them from here,
+  as does the small `project`. Where the demo runs, they are the ones it builds first (about a minute, during
+  which the tests that need neither run); else they are built for the run, without running the pipeline.
 
 `make test` runs the suite on two pytest-xdist workers: most tests wait on single-threaded work (a fresh
 `viclip` process importing torch, DVC), so two at a time keep both cores busy. Every process of the run,
@@ -54,14 +55,19 @@ def invoke(*args: str) -> Result:
     return CliRunner().invoke(app, list(args))
 
 
-def uses_demo(item: pytest.Item) -> bool:
-    return "demo" in getattr(item, "fixturenames", ())
+def uses(item: pytest.Item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests without the demo first (they run while it builds), the slow ones of each kind first (so that the
-    workers' last tests are short); file order otherwise."""
-    items.sort(key=lambda item: (uses_demo(item), item.get_closest_marker("slow") is None))
+    workers' last tests are short), and of those the ones without the tiny models first (they run while the
+    demo builds those); file order otherwise."""
+    items.sort(key=lambda item: (uses(item, "demo"), item.get_closest_marker("slow") is None, uses(item, "tiny")))
+
+
+def demo_runs(session: pytest.Session) -> bool:
+    return any(uses(item, "demo") for item in session.items)
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +96,17 @@ def built_once(shared: Path, name: str, build: Callable[[Path], object]) -> Path
 
 
 @pytest.fixture(scope="session")
-def tiny(shared) -> Path:
-    """The demo's data and tiny models."""
-    return built_once(shared, "tiny", prepare)
+def tiny(request, shared, demo_in_background) -> Path:
+    """The demo's data and tiny models: the background demo's folder once they are in it (its params.yaml is
+    written after them), or, where no demo runs, a folder of their own."""
+    if not demo_runs(request.session):
+        return built_once(shared, "tiny", prepare)
+    workdir = shared / "demo"
+    while not (workdir / "params.yaml").is_file():
+        if (workdir / "demo.rc").is_file():
+            demo_failed(workdir)
+        time.sleep(1)
+    return workdir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -100,7 +114,7 @@ def demo_in_background(request, shared):
     """Start `viclip demo` once, in the background, where the run has a test that needs it. The worker that
     started it waits for it at the end of its run (or stops it where the run was cut short), so no demo
     outlives the run."""
-    if not any(uses_demo(item) for item in request.session.items):
+    if not demo_runs(request.session):
         yield
         return
     workdir = shared / "demo"
@@ -126,9 +140,13 @@ def demo(shared) -> Path:
     while not (workdir / "demo.rc").is_file():
         time.sleep(1)
     if (workdir / "demo.rc").read_text().strip() != "0":
-        output = (workdir / "demo.out").read_text() + (workdir / "demo.err").read_text()
-        pytest.fail(f"viclip demo failed:\n{output}", pytrace=False)
+        demo_failed(workdir)
     return workdir
+
+
+def demo_failed(workdir: Path) -> None:
+    output = (workdir / "demo.out").read_text() + (workdir / "demo.err").read_text()
+    pytest.fail(f"viclip demo failed:\n{output}", pytrace=False)
 
 
 @pytest.fixture
