@@ -60,10 +60,10 @@ def uses(item: pytest.Item, fixture: str) -> bool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests without the demo first (they run while it builds), the slow ones of each kind first (so that the
-    workers' last tests are short), and of those the ones without the tiny models first (they run while the
-    demo builds those); file order otherwise."""
-    items.sort(key=lambda item: (uses(item, "demo"), item.get_closest_marker("slow") is None, uses(item, "tiny")))
+    """Tests without the demo first (they run while it builds), and of those the ones without the tiny models
+    first (they run while the demo builds those); within each kind the slow ones first (so that the workers'
+    last tests are short); file order otherwise."""
+    items.sort(key=lambda item: (uses(item, "demo"), uses(item, "tiny"), item.get_closest_marker("slow") is None))
 
 
 def demo_runs(session: pytest.Session) -> bool:
