@@ -25,8 +25,8 @@ demo: $(BIN)/viclip
 	$(BIN)/viclip demo --workdir demo-run
 
 # Two workers: most tests wait on one thread (a fresh process importing torch, DVC); each test's own
-# training still uses every core. tests/conftest.py builds the demo once for both. Tests are handed out one
-# at a time: the slow ones come first (conftest), and in xdist's default chunks the first worker got them all.
+# training still uses every core. tests/conftest.py builds the demo once for both. Tests are handed out a
+# few at a time: the slow ones come early (conftest), and in xdist's default chunks the first worker got them all.
 test: $(BIN)/viclip
 	$(BIN)/python -m pytest -n 2 --maxschedchunk 1
 

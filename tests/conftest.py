@@ -131,6 +131,8 @@ def demo_in_background(request, shared):
         if request.session.shouldfail or request.session.shouldstop:
             os.killpg(process.pid, signal.SIGTERM)
         process.wait()
+        if not (workdir / "demo.rc").is_file():  # stopped with its shell: end the other workers' waits too
+            (workdir / "demo.rc").write_text("stopped: the test run was cut short\n")
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,9 @@ for statement in imports:
     except Exception:  # an optional package this machine lacks: a stage that needs it fails on its own
         pass
 code = tuple(os.path.join(root, package, "") for package in ("pipeline", "stages"))
+# Forking is safe with one thread only; and the stages must import the project's modules themselves.
+assert threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1, "an import started a thread"
+assert not any((getattr(m, "__file__", None) or "").startswith(code) for m in list(sys.modules.values()))
 
 
 # Calls made while a project module is imported (registering a model, say) are no stage's work.
@@ -98,14 +101,18 @@ for line in sys.stdin:
     output, args = json.loads(line)
     child = os.fork()
     if child == 0:
-        written = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(written, 1)
-        os.dup2(written, 2)
         status = 1
         try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the requests are the zygote's
+            written = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(written, 1)
+            os.dup2(written, 2)
             stage(args)
-        except SystemExit as exit:
-            status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        except SystemExit as exit:  # as the interpreter ends: a message is printed, exit status 1
+            if isinstance(exit.code, int) or exit.code is None:
+                status = exit.code or 0
+            else:
+                print(exit.code, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
         finally:  # the child never returns to the zygote's loop
@@ -186,7 +193,7 @@ def run_stages(stages: dict, params: dict, cwd: Path, at_once: int = 2) -> dict[
     try:
         with tempfile.TemporaryDirectory() as outputs, ThreadPoolExecutor(at_once) as pool:
             while pending or running:
-                for name in [n for n in pending if needs[n] <= code.keys()]:
+                for name in [n for n in pending if needs[n] <= code.keys()][: at_once - len(running)]:
                     pending.remove(name)
                     running[pool.submit(run_stage, stages[name]["cmd"], zygotes, Path(outputs) / name)] = name
                 assert running, f"stages waiting on each other: {pending}"

@@ -33,8 +33,7 @@ from pipeline.models.viclipcap.lm import LanguageModel, context_length, load_lm,
 from pipeline.models.viclipcap.mapper import build_mapper
 from pipeline.models.viclipcap.static_steps import StaticSteps
 from pipeline.serve import create_app, load_served
-from tests.conftest import built_once, make_project
-from tests.test_cli import invoke
+from tests.conftest import built_once, invoke, make_project
 from tests.test_lm_train import GROUPS, config_for, outputs, save, train
 
 CPU = torch.device("cpu")
