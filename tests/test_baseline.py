@@ -9,9 +9,7 @@ from contextlib import chdir
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.core import paths, registry
 from pipeline.core.config import load_config
 from pipeline.core.errors import ViclipError
@@ -21,6 +19,7 @@ from pipeline.evaluation import metrics
 from pipeline.evaluation.report import display_name
 from pipeline.evaluation.text import protocol_text
 from pipeline.models.cnn_lstm import END, SPECIALS, UNK, Vocabulary
+from tests.conftest import invoke
 from stages import score
 from tests.report_tables import read_markdown_table
 
@@ -51,9 +50,8 @@ def test_the_trained_vocabulary_comes_from_training_captions_only(project):
     for annotation in raw["annotations"]:
         annotation["caption"] += " kỳlân"
     path.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
-    runner = CliRunner()
     for args in (["extract", "--store", "cnn"], ["train", "--model", "cnn_lstm"]):
-        result = runner.invoke(app, args)
+        result = invoke(*args)
         assert result.exit_code == 0, result.output
 
     config = load_config("params.yaml")
@@ -122,7 +120,7 @@ def test_compare_runs_on_word_only_metrics_files(demo_copy, monkeypatch):
         scores = json.loads(path.read_text())
         path.write_text(json.dumps({k: v for k, v in scores.items() if k not in metrics.METRICS and k != "protocol"}))
     monkeypatch.chdir(demo_copy)
-    result = CliRunner().invoke(app, ["compare"])
+    result = invoke("compare")
     assert result.exit_code == 0, result.output
     assert "compare: CIDEr word cnn_lstm" in result.output
     markdown = (demo_copy / "artifacts/report/comparison.md").read_text()

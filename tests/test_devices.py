@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.core import devices
 from pipeline.core.errors import ViclipError
 from pipeline.training import optimisation
+from tests.conftest import invoke
 
 CUDA = torch.device("cuda")
 
@@ -82,11 +81,10 @@ def test_training_under_each_policy(project, monkeypatch, policy, recorded):
         return built[-1]
 
     monkeypatch.setattr(optimisation.Optimisation, "build", classmethod(build))
-    runner = CliRunner()
     for args in (("extract",), ("extract", "--store", "cnn")):
-        assert runner.invoke(app, list(args)).exit_code == 0
+        assert invoke(*args).exit_code == 0
     for model in ("viclipcap", "cnn_lstm"):  # the baseline clips its gradients: unscaled first
-        result = runner.invoke(app, ["train", "--model", model])
+        result = invoke("train", "--model", model)
         assert result.exit_code == 0, result.output
         config = json.loads((project / f"artifacts/models/{model}/config.json").read_text())
         assert config["training"]["precision"] == recorded and math.isfinite(config["training"]["val_loss"])

@@ -21,15 +21,14 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from skimage import data as photos
-from typer.testing import CliRunner
 
-from pipeline.cli import app as cli
 from pipeline.core.config import load_config
 from pipeline.core.registry import MODELS, STORES
 from pipeline.decoding.inference import LoadedModel
 from pipeline.encoders.images import BadImage, ImageTooLarge, open_rgb
 from pipeline.evaluation.report import display_name
 from pipeline.serve import Limits, Served, create_app, load_served
+from tests.conftest import invoke
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:
@@ -64,7 +63,7 @@ def reference(demo, photo_files, tmp_path_factory) -> dict[str, dict[str, str]]:
     captions = {}
     with chdir(demo):
         for model in MODELS:
-            result = CliRunner().invoke(cli, ["caption", "--model", model, "--json", *map(str, sorted(folder.iterdir()))])
+            result = invoke("caption", "--model", model, "--json", *map(str, sorted(folder.iterdir())))
             assert result.exit_code == 0, result.output
             captions[model] = {Path(r["image"]).name: r["caption"] for r in json.loads(result.stdout)}
     return captions

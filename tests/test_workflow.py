@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.core.config import yaml_parser
 from pipeline.core.registry import MODELS, STORES
 from pipeline.workflow import render
+from tests.conftest import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +30,10 @@ def test_every_store_and_model_has_its_stages():
 
 def test_the_cli_writes_it_and_checks_it(tmp_path):
     path = tmp_path / "dvc.yaml"
-    stale = CliRunner().invoke(app, ["workflow", "--check", "--path", str(path)])
+    stale = invoke("workflow", "--check", "--path", str(path))
     assert stale.exit_code == 1 and stale.output.strip() == (
         f"error: {path} is not what `viclip workflow` writes from the registry; run it")
-    written = CliRunner().invoke(app, ["workflow", "--path", str(path)])
+    written = invoke("workflow", "--path", str(path))
     assert written.exit_code == 0, written.output
     assert path.read_text(encoding="utf-8") == render()
-    assert CliRunner().invoke(app, ["workflow", "--check", "--path", str(path)]).exit_code == 0
+    assert invoke("workflow", "--check", "--path", str(path)).exit_code == 0
