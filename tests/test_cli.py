@@ -190,6 +190,8 @@ def test_model_dir_that_does_not_match_its_weights(project):
     assert_clear_error(invoke("score"), "mapper.safetensors", "do not fit")
     config.write_text(json.dumps({**raw, "sections": {**raw["sections"], "lm": None}}))
     assert_clear_error(invoke("score"), "config.json", "key 'sections.lm'")
+    config.write_text(json.dumps({**raw, "sections": {k: v for k, v in raw["sections"].items() if k != "lm"}}))
+    assert_clear_error(invoke("score"), "config.json", "missing key 'sections.lm'")  # checked as it is loaded
     shutil.rmtree(project / "artifacts/models/viclipcap")
     assert_clear_error(invoke("score"), "viclipcap", "not a model directory")
 

@@ -105,6 +105,22 @@ def test_fused_adamw_follows_the_warm_up_as_the_foreach_one_does(monkeypatch):
     assert float((fused - weights).norm() / weights.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("warmup, steps", [(0, 10), (4, 12), (50, 1140), (5, 2)])
+def test_the_schedule_is_transformers_linear_warm_up_and_decay(warmup, steps):
+    """`Optimisation.build`'s schedule, written out so that the baseline's training need not import transformers."""
+    from transformers import get_linear_schedule_with_warmup
+
+    settings = SETTINGS.model_copy(update={"warmup_steps": warmup})
+    ours = Optimisation.build(tiny_captioner(), settings, steps, CPU)
+    theirs = get_linear_schedule_with_warmup(torch.optim.AdamW(ours.optimizer.param_groups[0]["params"], lr=SETTINGS.lr),
+                                             warmup, steps)
+    for _ in range(steps + 2):
+        assert ours.optimizer.param_groups[0]["lr"] == theirs.optimizer.param_groups[0]["lr"]
+        for schedule in (ours.scheduler, theirs):
+            schedule.optimizer.step()
+            schedule.step()
+
+
 @pytest.mark.parametrize("variable, chosen", [("VICLIP_COMPILE", devices.compiling),
                                               ("VICLIP_DEVICE_JPEGS", devices.jpegs_on_device)])
 @pytest.mark.parametrize("value, cpu, gpu", [("auto", False, True), ("on", True, True), ("off", False, False)])

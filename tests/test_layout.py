@@ -11,6 +11,8 @@ The graph has an edge for every import of a `pipeline` or `stages` module, at an
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,7 +134,8 @@ def test_nothing_imports_the_cli(graph):
 
 def test_no_module_imports_a_package_above_it(graph):
     """A leaf of encoders/ or models/ imports `base` and its siblings, never its package's __init__:
-    the package imports its leaves to register them, and an edge back up would close a cycle."""
+    the package imports its leaves to register them (models/ on first use), and an edge back up would close a
+    cycle."""
     upward = [
         (name, target) for name, targets in graph.items() for target in targets
         if target != "pipeline" and name.startswith(target + ".")
@@ -144,6 +147,18 @@ def test_registries_find_every_leaf():
     from pipeline.core.registry import MODELS, STORES
     from pipeline.encoders.base import REGISTRY as encoders
     from pipeline.models import REGISTRY as architectures
+    from pipeline.models import architecture
 
     assert {s.encoder for s in STORES.values()} == set(encoders)
+    assert all(architecture(name) is architectures[m.architecture] for name, m in MODELS.items())
     assert {m.architecture for m in MODELS.values()} == set(architectures)
+
+
+def test_the_baseline_and_the_comparison_never_load_the_lm_stack():
+    """Each model's architecture is imported when a model of it is first built or loaded: transformers and peft
+    cost a process seconds, and the baseline's stages and `viclip compare` need neither."""
+    probe = ("import sys; import pipeline.cli, stages.train, stages.score, stages.compare; "
+             "from pipeline.models import architecture; architecture('cnn_lstm'); "
+             "print(sorted(m for m in ('transformers', 'peft', 'pipeline.models.viclipcap') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert loaded.stdout.split() == ["[]"], loaded.stdout + loaded.stderr

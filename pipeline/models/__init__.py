@@ -5,8 +5,10 @@
 
 Both present one interface to training, decoding and scoring (`CaptionModel`, in `base`), so
 `viclip train|score --model NAME` run the same stage code for every registered model
-(`pipeline.core.registry`). Each architecture module registers itself in `base.REGISTRY` when imported;
-this package imports them all. The models import `base`, never this package.
+(`pipeline.core.registry`). Each architecture module (`pipeline.models.<architecture>`) registers itself in
+`base.REGISTRY` when imported; this package imports one when a model of it is first built or loaded, so that
+the baseline's processes and the comparison never load the LM stack (transformers and peft: seconds a
+process). The models import `base`, never this package.
 
 A model directory holds only what was trained:
   *.safetensors  the trained weights (the mapper, or the whole LSTM decoder)
@@ -17,6 +19,7 @@ A model directory holds only what was trained:
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +34,6 @@ from pipeline.core.errors import ViclipError
 from pipeline.core.registry import Sections
 from pipeline.data.annotations import ImageRecord
 from pipeline.data.features import FeatureStore
-from pipeline.models import cnn_lstm, viclipcap  # noqa: F401  (each registers itself)
 from pipeline.models.base import REGISTRY, Architecture, CaptionModel
 
 FORMAT = "viclip-model/2"
@@ -39,8 +41,11 @@ CONFIG = "config.json"
 
 
 def architecture(name: str) -> Architecture:
-    """What builds model `name`."""
-    return REGISTRY[registry.model(name).architecture]
+    """What builds model `name`: its architecture's module, imported on first use, registered it."""
+    kind = registry.model(name).architecture
+    if kind not in REGISTRY:
+        importlib.import_module(f"{__name__}.{kind}")
+    return REGISTRY[kind]
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,8 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
             raise ViclipError(f"{path}: key 'store': {raw['model']} reads store {entry.store!r}, not {raw.get('store')!r}")
         # A section from an older viclip (before lm.stop, say) names the key it lacks.
         sections = {key: parse_section(key, value, f"{path} (train again?)") for key, value in raw["sections"].items()}
-        for key in (entry.store, *REGISTRY[entry.architecture].required):
-            if key not in sections:
-                raise ViclipError(f"{path}: missing key 'sections.{key}'")
+        if entry.store not in sections:
+            raise ViclipError(f"{path}: missing key 'sections.{entry.store}'")
         if "store" not in raw["fingerprints"]:
             raise ViclipError(f"{path}: missing key 'fingerprints.store'")
         return ModelSpec(entry.name, entry.store, sections, dict(raw["fingerprints"]), dict(raw["training"]))
@@ -110,6 +114,10 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
 def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionModel, ModelSpec]:
     """Rebuild exactly the model that was trained, whichever it is, in eval mode."""
     spec = read_spec(model_dir)
+    # Checked here, not in read_spec: knowing the sections an architecture needs imports it.
+    for key in architecture(spec.name).required:
+        if key not in spec.sections:
+            raise ViclipError(f"{Path(model_dir) / CONFIG}: missing key 'sections.{key}'")
     model = architecture(spec.name).rebuild(Path(model_dir), spec.sections, spec.store_attrs, device)
     check_record(model, spec, model_dir)  # before the weights: weights that do not fit another LM are a symptom
     model.restore(Path(model_dir))

@@ -4,13 +4,21 @@ gradient scaler: everything a training step needs besides the model and the batc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from pipeline.core.config import TrainSettings
 from pipeline.core.devices import Precision, precision
 from pipeline.models.base import CaptionModel, trainable
+
+
+def warm_up_then_decay(warmup: int, steps: int, step: int) -> float:
+    """The learning rate's factor at `step`: up from 0 over `warmup` steps, then down to 0 at `steps`. As
+    transformers' `get_linear_schedule_with_warmup` computes it, which a baseline's process need not import."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    return max(0.0, float(steps - step) / float(max(1, steps - warmup)))
 
 
 @dataclass
@@ -35,7 +43,7 @@ class Optimisation:
                                       fused=device.type == "cuda")
         policy = precision(device)
         return cls(
-            optimizer, get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, steps),
+            optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warm_up_then_decay, settings.warmup_steps, steps)),
             settings.grad_clip, policy, torch.amp.GradScaler(device.type, enabled=policy == "fp16"),
         )
 
