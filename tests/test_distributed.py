@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from typer.testing import Result
 
 from pipeline.core.config import dump_config, load_config
 from pipeline.core.registry import MODELS
@@ -36,10 +37,16 @@ def fp32(monkeypatch):
     monkeypatch.setenv("VICLIP_PRECISION", "fp32")
 
 
-def extract(store: str = "clip") -> None:
-    """The store the runs below read, extracted in this process: which process writes it is not under test."""
-    result = invoke("extract", "--store", store)
+def here(*args: str) -> Result:
+    """The CLI in this process, where which process runs it is not under test: a fresh one costs seconds."""
+    result = invoke(*args)
     assert result.exit_code == 0, result.output + "".join(traceback.format_exception(result.exception))
+    return result
+
+
+def extract(store: str = "clip") -> None:
+    """The store the runs below read."""
+    here("extract", "--store", store)
 
 
 def run(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -191,15 +198,15 @@ def test_a_checkpoint_of_other_settings_is_ignored(project):
     _kill_after_checkpoint(start("train"), checkpoint)
 
     edit(project, train__viclipcap__lr=1e-3, train__viclipcap__epochs=2)
-    other = run("train")
+    other = here("train")
     assert "checkpoint of other settings, data or code, ignored" in other.stderr
     assert "resuming" not in other.stderr
     fresh = (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes()
-    run("train")
+    here("train")
     assert (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes() == fresh
 
     checkpoint.write_bytes(b"not a checkpoint")
-    garbage = run("train")
+    garbage = here("train")
     assert "unreadable checkpoint ignored" in garbage.stderr
     assert (project / "artifacts/models/viclipcap/mapper.safetensors").read_bytes() == fresh
 
@@ -268,13 +275,14 @@ def test_a_killed_rank_ends_the_run_with_an_error_not_a_hang(project):
 
 
 @pytest.mark.parametrize("model", ["viclipcap", "cnn_lstm"])
-def test_a_store_over_the_memory_budget_is_streamed_with_the_same_result(project, model):
+def test_a_store_over_the_memory_budget_is_streamed_with_the_same_result(project, model, monkeypatch):
     edit(project, **{f"train__{model}__epochs": 2})
     extract(MODELS[model].store)
-    run("train", "--model", model)
+    here("train", "--model", model)
     in_memory = (project / "artifacts/models" / model).glob("*.safetensors")
     in_memory = {p.name: p.read_bytes() for p in in_memory}
-    result = run("train", "--model", model, env={"VICLIP_FEATURE_BUDGET_MB": "0"})
+    monkeypatch.setenv("VICLIP_FEATURE_BUDGET_MB", "0")
+    result = here("train", "--model", model)
     assert "over the memory budget, read from disk batch by batch" in result.stderr
     streamed = {p.name: p.read_bytes() for p in (project / "artifacts/models" / model).glob("*.safetensors")}
     assert streamed == in_memory
