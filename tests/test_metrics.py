@@ -36,16 +36,23 @@ def test_tokenisation_is_nfc_lowercase_without_punctuation():
     assert protocol_text(nfd) == unicodedata.normalize("NFC", protocol_text(nfd))
 
 
+@pytest.fixture(scope="module")
+def meteor() -> Meteor:
+    """pycocoevalcap's own METEOR, one JVM for the module: each takes seconds to load its tables."""
+    with pytest.MonkeyPatch.context() as patch:
+        # The wrapper runs METEOR's jar with UTF-8 input whatever the locale; the direct call does too.
+        patch.setenv("JAVA_TOOL_OPTIONS", "-Dfile.encoding=UTF-8 -Dstdin.encoding=UTF-8")
+        return Meteor()
+
+
 @pytest.mark.parametrize("references", [REFERENCES, FEW_REFERENCES], ids=["five", "one to three"])
-def test_wrapper_returns_what_pycocoevalcap_returns(monkeypatch, references):
+def test_wrapper_returns_what_pycocoevalcap_returns(meteor, references):
     gts = {i: [protocol_text(r) for r in refs] for i, refs in references.items()}
     res = {i: [protocol_text(p)] for i, p in PREDICTIONS.items()}
-    # The wrapper runs METEOR's jar with UTF-8 input whatever the locale; the direct call does too.
-    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Dfile.encoding=UTF-8 -Dstdin.encoding=UTF-8")
     direct = dict(zip(("bleu_1", "bleu_2", "bleu_3", "bleu_4"), Bleu(4).compute_score(gts, res, verbose=0)[0]))
     direct["rouge_l"] = Rouge().compute_score(gts, res)[0]
     direct["cider"] = Cider().compute_score(gts, res)[0]
-    direct["meteor"] = Meteor().compute_score(gts, res)[0]
+    direct["meteor"] = meteor.compute_score(gts, res)[0]
 
     scores = score_captions(references, PREDICTIONS)["syllable"]
     assert {k: scores[k] for k in direct} == direct
