@@ -87,8 +87,8 @@ def test_two_processes_train_and_score_as_one(project):
     # 55 training captions in batches of 27: the last batch is one caption, so one rank's share is empty.
     edit(project, train__viclipcap__epochs=3, train__viclipcap__batch_size=27, score__batch_size=1)
     extract()
-    run("train")
-    run("score")
+    here("train")  # the one-process reference, in this process: compared below to float tolerance
+    here("score")  # its captions, which the two-process score must reproduce byte for byte
     one = {name: (project / "artifacts" / name).read_bytes() for name in
            ("models/viclipcap/mapper.safetensors", "models/viclipcap.csv", "metrics/viclipcap.captions.json")}
     one_spec = json.loads((project / "artifacts/models/viclipcap/config.json").read_text())
