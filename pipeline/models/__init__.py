@@ -114,11 +114,12 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
 def load_model(model_dir: str | Path, device: torch.device) -> tuple[CaptionModel, ModelSpec]:
     """Rebuild exactly the model that was trained, whichever it is, in eval mode."""
     spec = read_spec(model_dir)
+    built = architecture(spec.name)
     # Checked here, not in read_spec: knowing the sections an architecture needs imports it.
-    for key in architecture(spec.name).required:
+    for key in built.required:
         if key not in spec.sections:
             raise ViclipError(f"{Path(model_dir) / CONFIG}: missing key 'sections.{key}'")
-    model = architecture(spec.name).rebuild(Path(model_dir), spec.sections, spec.store_attrs, device)
+    model = built.rebuild(Path(model_dir), spec.sections, spec.store_attrs, device)
     check_record(model, spec, model_dir)  # before the weights: weights that do not fit another LM are a symptom
     model.restore(Path(model_dir))
     return model.eval(), spec
